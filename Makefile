@@ -1,0 +1,48 @@
+# Quick start on a fresh Debian bookworm machine (root or sudo):
+#   make run    install what is needed, bring PostgreSQL + sidecar + Kamailio up on loopback
+#   make test   install what is needed, lint, type-check, run the test suite
+#   make stop   stop what `make run` started
+SHELL := /bin/bash
+VENV  := .venv
+# Touched after a successful `pip install`; redone when pyproject.toml is newer.
+STAMP := $(VENV)/.deps-installed
+
+.PHONY: deps system test lint run stop bench clean
+
+deps: system $(STAMP)
+
+# Idempotent: installs only missing Debian packages, builds http_async_client once.
+system:
+	scripts/install-system.sh
+
+# `| system`: order-only, so apt runs before the venv is made but a phony
+# target does not force a reinstall every time.
+$(STAMP): pyproject.toml | system
+	@echo "==> creating $(VENV) and installing the sidecar with its test extras" >&2
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+lint: deps
+	$(VENV)/bin/ruff check sidecar tests
+	$(VENV)/bin/mypy sidecar
+
+# pytest starts what it needs (a private PostgreSQL via scripts/pgcluster.sh
+# when DATABASE_URL is unset, Kamailio, the sidecar); nothing is started here.
+test: deps
+	$(VENV)/bin/ruff check sidecar tests
+	$(VENV)/bin/mypy sidecar
+	$(VENV)/bin/pytest -q
+
+run: deps
+	scripts/run.sh
+
+stop:
+	scripts/stop.sh
+
+bench: deps
+	$(VENV)/bin/python bench/bench_admission.py
+
+# Only the runtime state (.run); stops what runs from it first.
+clean: stop
+	rm -rf .run
