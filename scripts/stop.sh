@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Stop what scripts/run.sh started: Kamailio, the sidecar, and the private
+# PostgreSQL cluster (only if run.sh started it; never a DATABASE_URL one).
+# Harmless when nothing runs. Only processes named in .run/*.pid are touched.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+run="$PWD/.run"
+
+say() { echo "==> $*" >&2; }
+
+# stop_pid NAME PIDFILE WORD: TERM the pid in PIDFILE if it is alive and its
+# command line contains WORD (a stale pid file may point at a reused pid);
+# KILL after 10 s.
+stop_pid() {
+    local name=$1 file=$2 word=$3 pid
+    if [ ! -f "$file" ]; then
+        say "$name not running"
+        return 0
+    fi
+    pid=$(cat "$file" 2>/dev/null || true)
+    if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null \
+        && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$word"; then
+        say "stopping $name (pid $pid)"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            say "$name did not exit within 10 s; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    else
+        say "$name not running (stale pid file)"
+    fi
+    rm -f "$file"
+}
+
+stop_pid Kamailio "$run/kamailio.pid" kamailio
+stop_pid sidecar "$run/sidecar.pid" sidecar
+
+if [ -f "$run/pg-started" ]; then
+    scripts/pgcluster.sh stop "$run/pg" "$(cat "$run/pg-started")"
+    rm -f "$run/pg-started"
+else
+    say "no private PostgreSQL cluster started by run.sh"
+fi
