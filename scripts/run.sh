@@ -40,7 +40,7 @@ alive() {
 # --- 1. PostgreSQL ----------------------------------------------------------
 if [ -n "${DATABASE_URL:-}" ]; then
     say "using DATABASE_URL from the environment"
-    rm -f "$run/pg-started"
+    # (a pg-started marker from an earlier run stays: stop.sh still stops that cluster)
 else
     say "starting a private PostgreSQL cluster in .run/pg on 127.0.0.1:$pg_port"
     scripts/pgcluster.sh start "$run/pg" "$pg_port"
