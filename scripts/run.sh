@@ -3,7 +3,7 @@
 #   1. PostgreSQL: $DATABASE_URL when set, else a private cluster in .run/pg
 #      on 127.0.0.1:$SIDECAR_PG_PORT (default 55432),
 #   2. `sidecar migrate` and `sidecar import examples/config.json`,
-#   3. `sidecar serve` in the background (API on 127.0.0.1:8080),
+#   3. `sidecar serve` in the background (API on 127.0.0.1:8080, or $SIDECAR_PORT),
 #   4. Kamailio on UDP/TCP 127.0.0.1:5060 with kamailio/kamailio.cfg.
 # State, logs and pid files live in .run/. `scripts/stop.sh` undoes it.
 # Running it again restarts the sidecar and Kamailio (the database stays up).
@@ -17,7 +17,7 @@ run="$repo/.run"
 sidecar="$repo/.venv/bin/sidecar"
 cfg="$repo/kamailio/kamailio.cfg"
 config_doc="$repo/examples/config.json"
-api=http://127.0.0.1:8080
+api=http://127.0.0.1:${SIDECAR_PORT:-8080}  # the sidecar listens on SIDECAR_HOST:SIDECAR_PORT
 pg_port=${SIDECAR_PG_PORT:-55432}
 
 say() { echo "==> $*" >&2; }
