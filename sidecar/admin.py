@@ -1,0 +1,111 @@
+"""The admin API under /v1: configuration, usage, calls. Bearer token required."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from aiohttp import web
+
+from . import config_doc
+from .errors import ApiError
+from .jsonio import parse, read_body, respond
+from .state import METRICS, POOL, SETTINGS
+from .usage import active_calls, usage
+
+log = logging.getLogger("sidecar.admin")
+
+
+def require_token(request: web.Request) -> None:
+    """Authorization: Bearer <token>, compared in constant time."""
+    expected = request.app[SETTINGS].admin_token
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if (
+        not expected
+        or scheme.lower() != "bearer"
+        or not hmac.compare_digest(given.strip().encode(), expected.encode())
+    ):
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+
+
+async def get_config(request: web.Request) -> web.Response:
+    require_token(request)
+    async with request.app[POOL].acquire() as conn:
+        return respond(await config_doc.export(conn))
+
+
+async def put_config(request: web.Request) -> web.Response:
+    require_token(request)
+    settings = request.app[SETTINGS]
+    doc = await read_body(request, "config", settings.max_body_bytes)
+    found = config_doc.check(doc)
+    if found:
+        raise ApiError(422, "invalid_config", f"{found[0]['path']}: {found[0]['reason']}", found)
+    dry_run = request.query.get("dry_run", "").lower() in ("1", "true", "yes")
+    async with request.app[POOL].acquire() as conn:
+        tr = conn.transaction()
+        await tr.start()
+        try:
+            counts = await config_doc.apply(conn, doc, settings.sip_realm)
+        except BaseException:
+            await tr.rollback()
+            raise
+        if dry_run:
+            await tr.rollback()
+        else:
+            await tr.commit()
+    log.info("configuration replaced", extra={"dry_run": dry_run, **counts})
+    return respond({"ok": True, "dry_run": dry_run, "counts": counts})
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    require_token(request)
+    return respond(await usage(request.app[POOL]))
+
+
+async def get_calls(request: web.Request) -> web.Response:
+    require_token(request)
+    q = request.query
+    try:
+        limit = min(max(int(q.get("limit", "100")), 1), 1000)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_query", "limit must be an integer") from exc
+    state = q.get("state")
+    if state not in (None, "ringing", "answered"):
+        raise ApiError(400, "invalid_query", "state must be ringing or answered")
+    after = None
+    if "after" in q:
+        cursor = parse(q["after"].encode()) if q["after"].startswith("[") else [q["after"], None]
+        after = (str(cursor[0]), cursor[1])
+    calls = await active_calls(
+        request.app[POOL],
+        state=state,
+        account=q.get("account"),
+        channel=q.get("channel"),
+        after=after,
+        limit=limit,
+    )
+    nxt = [calls[-1]["call_id"], calls[-1]["from_tag"]] if len(calls) == limit else None
+    return respond({"calls": calls, "next": nxt})
+
+
+async def delete_call(request: web.Request) -> web.Response:
+    require_token(request)
+    call_id = request.match_info["call_id"]
+    released = await request.app[POOL].fetchval(
+        "SELECT release($1, $2)", call_id, request.query.get("from_tag")
+    )
+    if not released:
+        raise ApiError(404, "not_found", f"no active call {call_id!r}")
+    request.app[METRICS].releases.labels("admin").inc()
+    log.info("force-released", extra={"call_id": call_id})
+    return respond({"ok": True, "released": released})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/config", get_config)
+    app.router.add_put("/v1/config", put_config)
+    app.router.add_get("/v1/usage", get_usage)
+    app.router.add_get("/v1/calls", get_calls)
+    app.router.add_delete("/v1/calls/{call_id}", delete_call)

@@ -1,0 +1,298 @@
+"""The configuration document: check it, make the database exactly it, and give it back.
+
+Checks run in two layers: the JSON Schema (shape, formats) and the references between
+objects (duplicates, unknown parents, loops...), each problem with its JSON path. The
+database's own constraints are the last guard. Applying runs in one transaction: either the
+configuration becomes the document, or nothing changes. Call records are not touched, so an
+import never cuts an active call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from typing import Any
+
+import asyncpg
+
+from .jsonio import problems as schema_problems
+
+Problem = dict[str, str]
+
+
+def ha1(user: str, realm: str, password: str) -> str:
+    """The digest HA1 Kamailio's auth_db compares against: md5(user:realm:password)."""
+    return hashlib.md5(f"{user}:{realm}:{password}".encode()).hexdigest()  # noqa: S324
+
+
+def check(doc: Any) -> list[Problem]:
+    """Every problem of the document, each with its JSON path; empty when it can be applied."""
+    found = schema_problems("config", doc)
+    if found:
+        return found
+    found = []
+
+    def dupes(kind: str, key: str) -> set[str]:
+        seen: set[str] = set()
+        for i, item in enumerate(doc.get(kind, [])):
+            if item[key] in seen:
+                found.append(
+                    {"path": f"$.{kind}[{i}].{key}", "reason": f"duplicate {key} {item[key]!r}"}
+                )
+            seen.add(item[key])
+        return seen
+
+    accounts = dupes("accounts", "id")
+    extensions = dupes("extensions", "id")
+    numbers = dupes("numbers", "number")
+    dupes("channels", "id")
+
+    parents = {a["id"]: a.get("parent") for a in doc.get("accounts", [])}
+    for i, acc in enumerate(doc.get("accounts", [])):
+        parent = acc.get("parent")
+        if parent is None:
+            continue
+        if parent not in accounts:
+            found.append(
+                {"path": f"$.accounts[{i}].parent", "reason": f"unknown account {parent!r}"}
+            )
+            continue
+        seen = {acc["id"]}
+        cur: str | None = parent
+        while cur is not None:
+            if cur in seen:
+                found.append(
+                    {
+                        "path": f"$.accounts[{i}].parent",
+                        "reason": f"loop in the account tree through {cur!r}",
+                    }
+                )
+                break
+            seen.add(cur)
+            cur = parents.get(cur)
+
+    for i, ext in enumerate(doc.get("extensions", [])):
+        if ext["account"] not in accounts:
+            found.append(
+                {
+                    "path": f"$.extensions[{i}].account",
+                    "reason": f"unknown account {ext['account']!r}",
+                }
+            )
+        for j, src in enumerate(ext.get("sources", [])):
+            found.extend(_cidr_problem(f"$.extensions[{i}].sources[{j}]", src))
+        for j, target in enumerate(ext.get("forward", [])):
+            if target not in extensions and target not in numbers and not _is_number(target):
+                found.append(
+                    {
+                        "path": f"$.extensions[{i}].forward[{j}]",
+                        "reason": f"{target!r} is neither an extension, a number, "
+                        "nor an external number",
+                    }
+                )
+    for i, num in enumerate(doc.get("numbers", [])):
+        if num["extension"] not in extensions:
+            found.append(
+                {
+                    "path": f"$.numbers[{i}].extension",
+                    "reason": f"unknown extension {num['extension']!r}",
+                }
+            )
+    for i, chan in enumerate(doc.get("channels", [])):
+        for j, src in enumerate(chan.get("sources", [])):
+            found.extend(_cidr_problem(f"$.channels[{i}].sources[{j}]", src))
+        if chan.get("prefixes") and not chan.get("gateway"):
+            found.append(
+                {
+                    "path": f"$.channels[{i}].gateway",
+                    "reason": "a channel with prefixes needs a gateway for outbound calls",
+                }
+            )
+    return sorted(found, key=lambda p: p["path"])
+
+
+def _is_number(value: str) -> bool:
+    stripped = value[1:] if value.startswith("+") else value
+    return 0 < len(stripped) <= 32 and all(c in "0123456789*#" for c in stripped)
+
+
+def _cidr_problem(path: str, value: str) -> list[Problem]:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        return [{"path": path, "reason": f"not an IP address or network: {exc}"}]
+    return []
+
+
+def _limit(obj: dict[str, Any], key: str) -> int | None:
+    value = (obj.get("limits") or {}).get(key)
+    return None if value is None else int(value)
+
+
+async def apply(conn: asyncpg.Connection, doc: dict[str, Any], realm: str) -> dict[str, int]:
+    """Make the configuration exactly `doc`. The caller holds the transaction."""
+    # Admissions lock accounts then channels: take the tables in that same order.
+    await conn.execute("LOCK TABLE accounts, channels, extensions, numbers IN EXCLUSIVE MODE")
+    await conn.execute("SET CONSTRAINTS ALL DEFERRED")
+    if "counting" in doc:
+        await conn.execute("UPDATE settings SET counting = $1", doc["counting"])
+
+    accounts = doc.get("accounts", [])
+    extensions = doc.get("extensions", [])
+    numbers = doc.get("numbers", [])
+    channels = doc.get("channels", [])
+
+    await conn.execute(
+        "DELETE FROM numbers WHERE NOT number = ANY($1::text[])", [n["number"] for n in numbers]
+    )
+    await conn.execute(
+        "DELETE FROM extensions WHERE NOT id = ANY($1::text[])", [e["id"] for e in extensions]
+    )
+    await conn.execute(
+        "DELETE FROM accounts WHERE NOT id = ANY($1::text[])", [a["id"] for a in accounts]
+    )
+    await conn.execute(
+        "DELETE FROM channels WHERE NOT id = ANY($1::text[])", [c["id"] for c in channels]
+    )
+
+    await conn.executemany(
+        """INSERT INTO accounts (id, name, parent, calls_limit, public_limit, internal_limit)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, parent = EXCLUDED.parent,
+               calls_limit = EXCLUDED.calls_limit, public_limit = EXCLUDED.public_limit,
+               internal_limit = EXCLUDED.internal_limit""",
+        [
+            (
+                a["id"],
+                a.get("name"),
+                a.get("parent"),
+                _limit(a, "calls"),
+                _limit(a, "public"),
+                _limit(a, "internal"),
+            )
+            for a in accounts
+        ],
+    )
+    await conn.executemany(
+        """INSERT INTO channels (id, name, calls_limit, sources, gateway, prefixes, priority)
+           VALUES ($1, $2, $3, $4::cidr[], $5, $6, $7)
+           ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name,
+               calls_limit = EXCLUDED.calls_limit, sources = EXCLUDED.sources,
+               gateway = EXCLUDED.gateway, prefixes = EXCLUDED.prefixes,
+               priority = EXCLUDED.priority""",
+        [
+            (
+                c["id"],
+                c.get("name"),
+                _limit(c, "calls"),
+                c.get("sources", []),
+                c.get("gateway"),
+                c.get("prefixes", []),
+                c.get("priority", 0),
+            )
+            for c in channels
+        ],
+    )
+    await conn.executemany(
+        """INSERT INTO extensions (id, account, name, ha1, contact, sources, forward, ring_self)
+           VALUES ($1, $2, $3, $4, $5, $6::cidr[], $7, $8)
+           ON CONFLICT (id) DO UPDATE SET account = EXCLUDED.account, name = EXCLUDED.name,
+               ha1 = EXCLUDED.ha1, contact = EXCLUDED.contact, sources = EXCLUDED.sources,
+               forward = EXCLUDED.forward, ring_self = EXCLUDED.ring_self""",
+        [
+            (
+                e["id"],
+                e["account"],
+                e.get("name"),
+                ha1(e["id"], realm, e["password"]) if "password" in e else e.get("ha1"),
+                e.get("contact"),
+                e.get("sources", []),
+                e.get("forward", []),
+                bool(e.get("ring_self", False)),
+            )
+            for e in extensions
+        ],
+    )
+    await conn.executemany(
+        """INSERT INTO numbers (number, extension) VALUES ($1, $2)
+           ON CONFLICT (number) DO UPDATE SET extension = EXCLUDED.extension""",
+        [(n["number"], n["extension"]) for n in numbers],
+    )
+    await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    return {
+        "accounts": len(accounts),
+        "extensions": len(extensions),
+        "numbers": len(numbers),
+        "channels": len(channels),
+    }
+
+
+def _net(value: Any) -> str:
+    net = ipaddress.ip_network(str(value), strict=False)
+    return str(net.network_address) if net.num_addresses == 1 else str(net)
+
+
+def _limits(row: asyncpg.Record, keys: tuple[str, ...]) -> dict[str, int]:
+    return {k: row[f"{k}_limit"] for k in keys if row[f"{k}_limit"] is not None}
+
+
+async def export(conn: asyncpg.Connection) -> dict[str, Any]:
+    """The configuration as a document that `apply` takes back unchanged."""
+    counting = await conn.fetchval("SELECT counting FROM settings")
+    accounts = []
+    for r in await conn.fetch(
+        """WITH RECURSIVE t AS (
+               SELECT a.*, 0 AS depth FROM accounts a WHERE parent IS NULL
+               UNION ALL SELECT a.*, t.depth + 1 FROM accounts a JOIN t ON a.parent = t.id)
+           SELECT * FROM t ORDER BY depth, id"""
+    ):
+        acc: dict[str, Any] = {"id": r["id"]}
+        if r["name"] is not None:
+            acc["name"] = r["name"]
+        if r["parent"] is not None:
+            acc["parent"] = r["parent"]
+        limits = _limits(r, ("calls", "public", "internal"))
+        if limits:
+            acc["limits"] = limits
+        accounts.append(acc)
+    extensions = []
+    for r in await conn.fetch("SELECT * FROM extensions ORDER BY id"):
+        ext: dict[str, Any] = {"id": r["id"], "account": r["account"]}
+        for key in ("name", "ha1", "contact"):
+            if r[key] is not None:
+                ext[key] = r[key]
+        if r["sources"]:
+            ext["sources"] = [_net(s) for s in r["sources"]]
+        if r["forward"]:
+            ext["forward"] = list(r["forward"])
+        if r["ring_self"]:
+            ext["ring_self"] = True
+        extensions.append(ext)
+    numbers = [
+        {"number": r["number"], "extension": r["extension"]}
+        for r in await conn.fetch("SELECT * FROM numbers ORDER BY number")
+    ]
+    channels = []
+    for r in await conn.fetch("SELECT * FROM channels ORDER BY priority, id"):
+        chan: dict[str, Any] = {"id": r["id"]}
+        if r["name"] is not None:
+            chan["name"] = r["name"]
+        limits = _limits(r, ("calls",))
+        if limits:
+            chan["limits"] = limits
+        if r["sources"]:
+            chan["sources"] = [_net(s) for s in r["sources"]]
+        if r["gateway"] is not None:
+            chan["gateway"] = r["gateway"]
+        if r["prefixes"]:
+            chan["prefixes"] = list(r["prefixes"])
+        if r["priority"]:
+            chan["priority"] = r["priority"]
+        channels.append(chan)
+    return {
+        "counting": counting,
+        "accounts": accounts,
+        "extensions": extensions,
+        "numbers": numbers,
+        "channels": channels,
+    }

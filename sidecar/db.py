@@ -1,0 +1,77 @@
+"""The PostgreSQL pool, and the migrations in sql/migrations applied in order."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import asyncpg
+
+from .settings import Settings
+
+log = logging.getLogger("sidecar.db")
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+_NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
+# Serialises migrations between replicas starting at once.
+_LOCK_KEY = 0x51DECA7
+
+
+async def create_pool(settings: Settings) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        command_timeout=settings.db_timeout,
+        server_settings={
+            "application_name": "sidecar",
+            "synchronous_commit": settings.db_synchronous_commit,
+        },
+    )
+    assert pool is not None
+    return pool
+
+
+def migration_files() -> list[tuple[int, Path]]:
+    found = []
+    for path in sorted(MIGRATIONS.glob("*.sql")):
+        match = _NAME.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply every migration not yet recorded in schema_version. Returns the names applied."""
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_version (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_version")}
+        for version, path in migration_files():
+            if version in done:
+                continue
+            log.info("applying migration", extra={"migration": path.name})
+            async with conn.transaction():
+                await conn.execute(path.read_text())
+                await conn.execute(
+                    "INSERT INTO schema_version (version, name) VALUES ($1, $2)", version, path.name
+                )
+            applied.append(path.name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return applied
+
+
+async def pending(conn: asyncpg.Connection) -> list[str]:
+    exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+    done: set[int] = set()
+    if exists:
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_version")}
+    return [p.name for v, p in migration_files() if v not in done]

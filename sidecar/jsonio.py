@@ -1,0 +1,74 @@
+"""JSON in and out: orjson, schemas from sidecar/schemas, errors that name the JSON path."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+from aiohttp import web
+
+from .errors import ApiError
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+@cache
+def validator(name: str) -> jsonschema.protocols.Validator:
+    """The validator for sidecar/schemas/<name>.schema.json (loaded once)."""
+    schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def json_path(parts: Any) -> str:
+    path = "$"
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def problems(name: str, document: Any) -> list[dict[str, str]]:
+    """Every schema violation as {"path": "$.a[0].b", "reason": "..."}, sorted by path."""
+    found = [
+        {"path": json_path(err.absolute_path), "reason": err.message}
+        for err in validator(name).iter_errors(document)
+    ]
+    return sorted(found, key=lambda p: p["path"])
+
+
+def parse(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+
+
+def check(name: str, document: Any) -> Any:
+    found = problems(name, document)
+    if found:
+        first = found[0]
+        raise ApiError(400, "invalid_body", f"{first['path']}: {first['reason']}", found)
+    return document
+
+
+async def read_body(request: web.Request, schema: str, max_bytes: int) -> Any:
+    """The request's JSON body, validated against a schema; 413/415/400 otherwise."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")
+    ctype = request.content_type
+    if ctype not in ("application/json", "application/octet-stream") and request.body_exists:
+        if ctype != "" and not ctype.endswith("+json"):
+            raise ApiError(415, "unsupported_media_type", "send application/json")
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")
+    return check(schema, parse(raw))
+
+
+def respond(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")

@@ -1,0 +1,42 @@
+"""Prometheus metrics, one registry per application (several apps may share a process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        # outcome: relay | reject | challenge; reason: admitted | limit_origin |
+        # limit_destination | forbidden | not_found | repeat | shadow_refusal
+        self.decisions = Counter(
+            "sidecar_decisions", "Admission decisions", ["outcome", "reason"], registry=r
+        )
+        self.decision_seconds = Histogram(
+            "sidecar_decision_seconds",
+            "Time to decide one INVITE, PostgreSQL round trip included",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.answers = Counter("sidecar_answers", "2xx reported by Kamailio", registry=r)
+        self.releases = Counter("sidecar_releases", "Calls released", ["reason"], registry=r)
+        self.expired = Counter(
+            "sidecar_expired_calls",
+            "Calls released by expiry or reconciliation",
+            ["cause"],
+            registry=r,
+        )
+        self.db_errors = Counter(
+            "sidecar_db_errors", "Requests that failed on PostgreSQL", ["operation"], registry=r
+        )
+        self.active_calls = Gauge(
+            "sidecar_active_calls", "Calls holding slots, by state", ["state"], registry=r
+        )
+        self.pool_size = Gauge("sidecar_db_pool_size", "Connections in the pool", registry=r)
+        self.pool_idle = Gauge("sidecar_db_pool_idle", "Idle connections in the pool", registry=r)

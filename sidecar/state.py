@@ -1,0 +1,17 @@
+"""Typed application state keys (web.AppKey)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from aiohttp import web
+
+from .metrics import Metrics
+from .settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+METRICS = web.AppKey("metrics", Metrics)
+# Set when the server is shutting down: /health turns 503 so balancers move away first.
+STOPPING = web.AppKey("stopping", asyncio.Event)
