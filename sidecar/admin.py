@@ -77,7 +77,7 @@ async def get_calls(request: web.Request) -> web.Response:
     after = None
     if "after" in q:
         cursor = parse(q["after"].encode()) if q["after"].startswith("[") else [q["after"], None]
-        after = (str(cursor[0]), cursor[1])
+        after = (str(cursor[0]), None if cursor[1] is None else str(cursor[1]))
     calls = await active_calls(
         request.app[POOL],
         state=state,

@@ -21,6 +21,15 @@ from .state import METRICS, POOL, SETTINGS, STOPPING
 
 log = logging.getLogger("sidecar")
 
+# Failures that mean "PostgreSQL cannot be reached", not "the request is wrong".
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionStatusError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
+
 
 @web.middleware
 async def failure_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -29,13 +38,7 @@ async def failure_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return await handler(request)
     except web.HTTPException:
         raise
-    except (
-        TimeoutError,
-        OSError,
-        asyncpg.PostgresConnectionStatusError,
-        asyncpg.InterfaceError,
-        asyncpg.CannotConnectNowError,
-    ) as exc:
+    except _UNAVAILABLE as exc:
         request.app[METRICS].db_errors.labels(request.path).inc()
         log.error("database unavailable", extra={"path": request.path, "error": repr(exc)})
         return error_response(503, "database_unavailable", "PostgreSQL is unreachable")

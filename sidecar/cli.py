@@ -39,9 +39,13 @@ async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_input(name: str) -> bytes:
+    return Path(name).read_bytes() if name != "-" else sys.stdin.buffer.read()
+
+
 async def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        raw = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
+        raw = await asyncio.to_thread(_read_input, args.file)
         doc = parse(raw)
     except OSError as exc:
         print(f"error: cannot read {args.file}: {exc}", file=sys.stderr)

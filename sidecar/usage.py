@@ -54,7 +54,7 @@ async def active_calls(
     state: str | None = None,
     account: str | None = None,
     channel: str | None = None,
-    after: tuple[str, str] | None = None,
+    after: tuple[str, str | None] | None = None,
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     import orjson
