@@ -104,9 +104,13 @@ done
 if [ -z "$ok" ]; then
     echo "---- last lines of .run/sidecar.log ----" >&2
     tail -n 40 "$run/sidecar.log" >&2 || true
-    alive "$run/sidecar.pid" sidecar && kill "$(cat "$run/sidecar.pid")"
+    if alive "$run/sidecar.pid" sidecar; then
+        kill "$(cat "$run/sidecar.pid")"
+        rm -f "$run/sidecar.pid"
+        die "the sidecar did not become healthy within 30 s (log: .run/sidecar.log)"
+    fi
     rm -f "$run/sidecar.pid"
-    die "the sidecar did not become healthy within 30 s"
+    die "the sidecar exited before becoming healthy (log: .run/sidecar.log)"
 fi
 
 # --- 4. Kamailio ---------------------------------------------------------------
