@@ -133,8 +133,11 @@ else
     # Kamailio daemonises itself; -E keeps logging on stderr, which we send to
     # the log file. The command returns once Kamailio has started (non-zero if
     # it failed to). KAMAILIO_OPTS adds options, e.g. KAMAILIO_OPTS="-m 512".
+    # -Y: a runtime dir of our own (ctl socket etc.) instead of /run/kamailio,
+    # so this instance does not collide with another one on the machine.
+    mkdir -p "$run/kamailio-rt"
     # shellcheck disable=SC2086
-    kamailio -f "$cfg" -P "$run/kamailio.pid" -E ${KAMAILIO_OPTS:-} \
+    kamailio -f "$cfg" -P "$run/kamailio.pid" -Y "$run/kamailio-rt" -E ${KAMAILIO_OPTS:-} \
         -A "DBURL=\"$dburl\"" -A "SIDECAR_URL=\"$api\"" \
         </dev/null >>"$run/kamailio.log" 2>&1 \
         || { tail -n 40 "$run/kamailio.log" >&2; die "Kamailio failed to start (log: .run/kamailio.log)"; }
