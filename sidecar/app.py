@@ -25,9 +25,10 @@ log = logging.getLogger("sidecar")
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
-    asyncpg.PostgresConnectionStatusError,
+    asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin shutdown, crash shutdown
 )
 
 
