@@ -122,6 +122,8 @@ async def admit(request: web.Request) -> web.Response:
     metrics.decision_seconds.observe(time.perf_counter() - started)
     decision = orjson.loads(raw)
     out = wire_decision(decision, request)
+    if decision.get("repeat"):
+        out["repeat"] = True  # a retransmission or spiral: the first decision, not a new one
     reason = (
         "repeat"
         if decision.get("repeat")
