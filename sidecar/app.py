@@ -12,7 +12,7 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import admin, control, db
+from . import admin, control, db, openapi, resources
 from .errors import error_middleware, error_response
 from .jsonio import respond
 from .metrics import Metrics
@@ -32,6 +32,27 @@ _UNAVAILABLE = (
 )
 
 
+def route_name(request: web.Request) -> str:
+    """The matched route's pattern (bounded label values), or "unmatched"."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Count every answer by method, route pattern and status."""
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        request.app[METRICS].requests.labels(request.method, route_name(request), status).inc()
+
+
 @web.middleware
 async def failure_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """PostgreSQL unreachable → 503; anything unexpected → 500 with the JSON error shape."""
@@ -40,11 +61,11 @@ async def failure_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except web.HTTPException:
         raise
     except _UNAVAILABLE as exc:
-        request.app[METRICS].db_errors.labels(request.path).inc()
+        request.app[METRICS].db_errors.labels(route_name(request)).inc()
         log.error("database unavailable", extra={"path": request.path, "error": repr(exc)})
         return error_response(503, "database_unavailable", "PostgreSQL is unreachable")
     except asyncpg.PostgresError as exc:
-        request.app[METRICS].db_errors.labels(request.path).inc()
+        request.app[METRICS].db_errors.labels(route_name(request)).inc()
         if exc.sqlstate and exc.sqlstate.startswith("23"):  # integrity constraint violation
             return error_response(409, "constraint_violation", str(exc))
         log.exception("database error", extra={"path": request.path})
@@ -71,11 +92,21 @@ async def metrics(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     m.pool_size.set(pool.get_size())
     m.pool_idle.set(pool.get_idle_size())
-    with contextlib.suppress(Exception):
-        for row in await pool.fetch(
-            "SELECT state, count(*) AS n FROM calls WHERE state <> 'refused' GROUP BY state"
-        ):
-            m.active_calls.labels(row["state"]).set(row["n"])
+    m.pool_in_use.set(pool.get_size() - pool.get_idle_size())
+    m.pool_max.set(pool.get_max_size())
+    try:
+        async with asyncio.timeout(1.0):
+            rows = await pool.fetch(
+                "SELECT state, count(*) AS n FROM calls WHERE state <> 'refused' GROUP BY state"
+            )
+    except Exception:  # noqa: BLE001 - the scrape still answers; sidecar_db_up says why
+        m.db_up.set(0)
+        m.db_errors.labels("metrics").inc()
+    else:
+        m.db_up.set(1)
+        counts = {"ringing": 0, "answered": 0} | {r["state"]: r["n"] for r in rows}
+        for state, n in counts.items():
+            m.active_calls.labels(state).set(n)
     resp = web.Response(body=generate_latest(m.registry))
     resp.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return resp
@@ -102,6 +133,7 @@ async def _janitor(app: web.Application) -> None:
         try:
             n = await app[POOL].fetchval("SELECT expire_calls(500)")
         except Exception as exc:  # noqa: BLE001 - keep running; health shows the database
+            app[METRICS].db_errors.labels("janitor").inc()
             log.warning("janitor failed", extra={"error": repr(exc)})
             continue
         if n:
@@ -124,7 +156,7 @@ async def _on_shutdown(app: web.Application) -> None:
 def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
     app = web.Application(
-        middlewares=[failure_middleware, error_middleware],
+        middlewares=[metrics_middleware, failure_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -137,4 +169,6 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/metrics", metrics)
     control.add_routes(app)
     admin.add_routes(app)
+    resources.add_routes(app)
+    openapi.add_routes(app)
     return app

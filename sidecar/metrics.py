@@ -32,6 +32,7 @@ class Metrics:
             ["cause"],
             registry=r,
         )
+        # operation: the route's pattern, or "janitor".
         self.db_errors = Counter(
             "sidecar_db_errors", "Requests that failed on PostgreSQL", ["operation"], registry=r
         )
@@ -40,3 +41,19 @@ class Metrics:
         )
         self.pool_size = Gauge("sidecar_db_pool_size", "Connections in the pool", registry=r)
         self.pool_idle = Gauge("sidecar_db_pool_idle", "Idle connections in the pool", registry=r)
+        self.pool_in_use = Gauge(
+            "sidecar_db_pool_in_use", "Connections of the pool serving a request", registry=r
+        )
+        self.pool_max = Gauge("sidecar_db_pool_max", "Largest size of the pool", registry=r)
+        self.db_up = Gauge(
+            "sidecar_db_up",
+            "1 when PostgreSQL answered the last scrape's query, else 0",
+            registry=r,
+        )
+        # route: the route's pattern (/v1/calls/{call_id}), never the raw path.
+        self.requests = Counter(
+            "sidecar_http_requests",
+            "HTTP requests answered",
+            ["method", "route", "status"],
+            registry=r,
+        )
