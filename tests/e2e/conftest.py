@@ -31,6 +31,9 @@ import pytest
 
 from tests.sipua import SipUA
 
+# wait-style helpers take a timeout on purpose, like tests/sipua.py
+# ruff: noqa: ASYNC109
+
 ROOT = Path(__file__).resolve().parents[2]
 CFG = ROOT / "kamailio" / "kamailio.cfg"
 SIDECAR = ROOT / ".venv" / "bin" / "sidecar"
@@ -86,8 +89,14 @@ class Proc:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path):
         self.name, self.argv, self.log = name, argv, log
         self._fh = open(log, "ab")  # noqa: SIM115
-        self.p = subprocess.Popen(argv, env=env, stdout=self._fh, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        self.p = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def alive(self) -> bool:
         return self.p.poll() is None
@@ -123,11 +132,18 @@ class SidecarProc(Proc):
     def __init__(self, db_url: str, workdir: Path, port: int | None = None, **env: str):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        e = dict(os.environ, DATABASE_URL=db_url, SIDECAR_HOST="127.0.0.1",
-                 SIDECAR_PORT=str(self.port), SIDECAR_ADMIN_TOKEN=ADMIN_TOKEN,
-                 SIDECAR_SIP_REALM=REALM, **env)
-        super().__init__("sidecar", [str(SIDECAR), "serve"], e,
-                         workdir / f"sidecar-{self.port}.log")
+        e = dict(
+            os.environ,
+            DATABASE_URL=db_url,
+            SIDECAR_HOST="127.0.0.1",
+            SIDECAR_PORT=str(self.port),
+            SIDECAR_ADMIN_TOKEN=ADMIN_TOKEN,
+            SIDECAR_SIP_REALM=REALM,
+            **env,
+        )
+        super().__init__(
+            "sidecar", [str(SIDECAR), "serve"], e, workdir / f"sidecar-{self.port}.log"
+        )
 
     def wait_ready(self, timeout: float = 30) -> None:
         import urllib.request
@@ -147,25 +163,52 @@ class SidecarProc(Proc):
 
 
 class KamailioProc(Proc):
-    def __init__(self, db_url: str, sidecar_url: str, workdir: Path, *defines: str,
-                 port: int | None = None, node: str = "e2e-1"):
+    def __init__(
+        self,
+        db_url: str,
+        sidecar_url: str,
+        workdir: Path,
+        *defines: str,
+        port: int | None = None,
+        node: str = "e2e-1",
+    ):
         self.port = port or free_port()
         self.addr = ("127.0.0.1", self.port)
         rundir = Path(tempfile.mkdtemp(prefix=f"kam-{self.port}-", dir=workdir))
         argv = [
-            "kamailio", "-f", str(CFG), "-DD", "-E", "-Y", str(rundir),
-            "-m", "128", "-M", "16",
-            "-A", f'DBURL="{kamailio_db_url(db_url)}"',
-            "-A", f'SIDECAR_URL="{sidecar_url}"',
-            "-A", f"LISTEN_UDP=udp:127.0.0.1:{self.port}",
-            "-A", f"LISTEN_TCP=tcp:127.0.0.1:{self.port}",
-            "-A", f'NODE_ID="{node}"',
-            "-A", "WORKERS=4",
-            "-A", "FR_TIMER=2000",
-            "-A", "FR_INV_TIMER=4000",
-            "-A", "HEARTBEAT_INTERVAL=2",
-            "-A", "SIDECAR_TIMEOUT=1000",
-            "-A", "WITH_LIMIT_HEADER",
+            "kamailio",
+            "-f",
+            str(CFG),
+            "-DD",
+            "-E",
+            "-Y",
+            str(rundir),
+            "-m",
+            "128",
+            "-M",
+            "16",
+            "-A",
+            f'DBURL="{kamailio_db_url(db_url)}"',
+            "-A",
+            f'SIDECAR_URL="{sidecar_url}"',
+            "-A",
+            f"LISTEN_UDP=udp:127.0.0.1:{self.port}",
+            "-A",
+            f"LISTEN_TCP=tcp:127.0.0.1:{self.port}",
+            "-A",
+            f'NODE_ID="{node}"',
+            "-A",
+            "WORKERS=4",
+            "-A",
+            "FR_TIMER=2000",
+            "-A",
+            "FR_INV_TIMER=4000",
+            "-A",
+            "HEARTBEAT_INTERVAL=2",
+            "-A",
+            "SIDECAR_TIMEOUT=1000",
+            "-A",
+            "WITH_LIMIT_HEADER",
         ]
         for d in defines:
             argv += ["-A", d]
@@ -180,7 +223,7 @@ class KamailioProc(Proc):
                 try:
                     if await ua.options(f"sip:127.0.0.1:{self.port}", self.addr, timeout=1) == 200:
                         return
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     pass
                 await asyncio.sleep(0.2)
         raise RuntimeError(f"kamailio not answering OPTIONS:\n{self.tail()}")
@@ -194,8 +237,7 @@ class Api:
 
     async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        async with self.session.request(method, self.base + path, json=body,
-                                        headers=headers) as r:
+        async with self.session.request(method, self.base + path, json=body, headers=headers) as r:
             ctype = r.headers.get("Content-Type", "")
             return r.status, (await r.json()) if "json" in ctype else await r.text()
 
@@ -217,17 +259,23 @@ class Api:
         for c in await self.calls():
             await self.call("DELETE", "/v1/calls/" + quote(c["call_id"], safe=""))
 
-    async def active(self, account: str | None = None, counter: str = "calls",
-                     channel: str | None = None) -> int:
+    async def active(
+        self, account: str | None = None, counter: str = "calls", channel: str | None = None
+    ) -> int:
         u = await self.usage()
         if channel is not None:
             return int(u["channels"].get(channel, {}).get("calls", {}).get("active", 0))
         assert account is not None
         return int(u["accounts"].get(account, {}).get(counter, {}).get("active", 0))
 
-    async def wait_active(self, expected: int, account: str | None = None,
-                          counter: str = "calls", channel: str | None = None,
-                          timeout: float = 5) -> int:
+    async def wait_active(
+        self,
+        expected: int,
+        account: str | None = None,
+        counter: str = "calls",
+        channel: str | None = None,
+        timeout: float = 5,
+    ) -> int:
         end = time.monotonic() + timeout
         while True:
             n = await self.active(account, counter, channel)
@@ -245,8 +293,7 @@ class Api:
 
 
 class E2E:
-    def __init__(self, workdir: Path, db_url: str, sidecar: SidecarProc,
-                 kamailio: KamailioProc):
+    def __init__(self, workdir: Path, db_url: str, sidecar: SidecarProc, kamailio: KamailioProc):
         self.workdir, self.db_url = workdir, db_url
         self.sidecar, self.kamailio = sidecar, kamailio
         self.extra: list[Proc] = []
@@ -271,8 +318,13 @@ async def e2e_db(pg_server_url: str) -> AsyncIterator[str]:
     admin = await asyncpg.connect(pg_server_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     url = _with_db(pg_server_url, name)
-    subprocess.run([str(SIDECAR), "migrate"], env=dict(os.environ, DATABASE_URL=url),
-                   check=True, capture_output=True)
+    await asyncio.to_thread(
+        subprocess.run,
+        [str(SIDECAR), "migrate"],
+        env=dict(os.environ, DATABASE_URL=url),
+        check=True,
+        capture_output=True,
+    )
     yield url
     await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     await admin.close()
@@ -280,7 +332,7 @@ async def e2e_db(pg_server_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 async def e2e(e2e_db: str, e2e_workdir: Path) -> AsyncIterator[E2E]:
-    sc = SidecarProc(e2e_db, e2e_workdir)
+    sc = SidecarProc(e2e_db, e2e_workdir, SIDECAR_RECONCILE_GRACE="2")
     sc.wait_ready()
     kam = KamailioProc(e2e_db, sc.url, e2e_workdir)
     env = E2E(e2e_workdir, e2e_db, sc, kam)
@@ -326,15 +378,22 @@ class Phones:
         self.uas: list[SipUA] = []
         self.registered: list[SipUA] = []
 
-    async def ua(self, ip: str = "127.0.0.1", user: str = "caller",
-                 password: str | None = None, port: int = 0, **kw: Any) -> SipUA:
+    async def ua(
+        self,
+        ip: str = "127.0.0.1",
+        user: str = "caller",
+        password: str | None = None,
+        port: int = 0,
+        **kw: Any,
+    ) -> SipUA:
         ua = SipUA(ip, port, user=user, password=password, domain=REALM, t1=T1, **kw)
         await ua.start()
         self.uas.append(ua)
         return ua
 
-    async def registered_ua(self, user: str, password: str, ip: str = "127.0.0.1",
-                            **kw: Any) -> SipUA:
+    async def registered_ua(
+        self, user: str, password: str, ip: str = "127.0.0.1", **kw: Any
+    ) -> SipUA:
         ua = await self.ua(ip, user, password, **kw)
         resp = await ua.register(self.proxy, expires=600)
         assert resp.status == 200, resp

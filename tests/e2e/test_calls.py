@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import REALM, Api, E2E, Phones
+from tests.e2e.conftest import E2E, Api, Phones
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +34,7 @@ async def test_options_probe(e2e: E2E, phones: Phones) -> None:
 
 async def test_call_answered_then_bye_from_caller(e2e: E2E, api: Api, phones: Phones) -> None:
     await api.put_config(office())
-    callee = await phones.registered_ua("1002", PW)
+    await phones.registered_ua("1002", PW)
     caller = await phones.ua(user="1001", password=PW)
     call = await caller.invite("1002", proxy=e2e.proxy)
     assert await call.wait_final(5) == 200
@@ -179,7 +179,7 @@ async def test_fifty_at_once_limit_five(e2e: E2E, api: Api, phones: Phones) -> N
 
 HOSTILE_FROM = [
     '"q\\"uo\\\\te" <sip:1001@sidecar.local>;tag=h1',
-    '"\u00e9\u00e8\u4e2d\u6587 \U0001F600" <sip:1001@sidecar.local>;tag=h2',
+    '"\u00e9\u00e8\u4e2d\u6587 \U0001f600" <sip:1001@sidecar.local>;tag=h2',
     '"' + "A" * 8192 + '" <sip:1001@sidecar.local>;tag=h3',
     "<sip:sidecar.local>;tag=h4",
     '<sip:we"ird\\\\user@sidecar.local>;tag=h5',
@@ -208,3 +208,35 @@ async def test_hostile_from(e2e: E2E, api: Api, phones: Phones, from_header: str
     assert await api.wait_active(0, "acme") == 0
     assert e2e.sidecar.text().count(" 400 ") == before
     assert "invalid_body" not in e2e.sidecar.text()
+
+
+async def test_heartbeat_reconciles_dialogs(e2e: E2E, api: Api, phones: Phones) -> None:
+    """Kamailio's heartbeat lists its dialogs: a live call stays counted across heartbeats,
+    a call the node does not know (lost BYE, say) is released after the grace period."""
+    doc = office(limit=5)
+    doc["extensions"].append({"id": "app", "account": "acme", "sources": ["127.0.0.2"]})
+    await api.put_config(doc)
+    await phones.registered_ua("1002", PW)
+    app = await phones.ua("127.0.0.2", user="app")
+    live = await app.invite("1002", proxy=e2e.proxy)
+    assert await live.wait_final(5) == 200
+    # a call this node never had a dialog for
+    ghost = {
+        "call_id": "ghost-call@127.0.0.2",
+        "from_tag": "g1",
+        "source_ip": "127.0.0.2",
+        "from_user": "app",
+        "to_user": "1002",
+        "auth_user": None,
+        "node": "e2e-1",
+    }
+    async with api.session.post(e2e.sidecar.url + "/v1/control/admit", json=ghost) as r:
+        assert r.status == 200
+        assert (await r.json())["action"] == "relay"
+    assert await api.wait_active(2, "acme") == 2
+    # grace 2 s + heartbeat every 2 s: the ghost goes, the live call stays
+    assert await api.wait_active(1, "acme", timeout=10) == 1
+    calls = await api.calls()
+    assert [c["call_id"] for c in calls] == [live.call_id]
+    assert await live.bye() == 200
+    assert await api.wait_active(0, "acme") == 0

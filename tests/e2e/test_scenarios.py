@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import (
+    E2E,
     REALM,
     Api,
-    E2E,
     KamailioProc,
     Phones,
     SidecarProc,
@@ -33,11 +33,22 @@ def ext(id_: str, account: str, **kw: Any) -> dict[str, Any]:
     return {"id": id_, "account": account, **kw}
 
 
-def channel(id_: str, gw: tuple[str, int], limit: int | None = None, prefixes: list[str] | None = None,
-            priority: int = 1, sources: list[str] | None = None) -> dict[str, Any]:
-    return {"id": id_, "limits": {"calls": limit}, "sources": sources or [],
-            "gateway": f"sip:{gw[0]}:{gw[1]}", "prefixes": prefixes or ["+", "0"],
-            "priority": priority}
+def channel(
+    id_: str,
+    gw: tuple[str, int],
+    limit: int | None = None,
+    prefixes: list[str] | None = None,
+    priority: int = 1,
+    sources: list[str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "limits": {"calls": limit},
+        "sources": sources or [],
+        "gateway": f"sip:{gw[0]}:{gw[1]}",
+        "prefixes": prefixes or ["+", "0"],
+        "priority": priority,
+    }
 
 
 async def test_stringee_seven(e2e: E2E, api: Api, phones: Phones) -> None:
@@ -48,8 +59,10 @@ async def test_stringee_seven(e2e: E2E, api: Api, phones: Phones) -> None:
         "accounts": [{"id": "shop", "limits": {"calls": 7}}],
         "extensions": [ext(f"200{i}", "shop", password=PW) for i in range(1, 7)]
         + [ext("otp", "shop", sources=[APP])],
-        "numbers": [{"number": "+15550001", "extension": "2001"},
-                    {"number": "+15550002", "extension": "2002"}],
+        "numbers": [
+            {"number": "+15550001", "extension": "2001"},
+            {"number": "+15550002", "extension": "2002"},
+        ],
         "channels": [channel("carrier", (CARRIER, gw.port), sources=[CARRIER])],
     }
     await api.put_config(doc)
@@ -114,8 +127,13 @@ def voipnow(gw_port: int, public: int, internal: int) -> dict[str, Any]:
         "counting": "per_leg",
         "accounts": [{"id": "org3", "limits": {"public": public, "internal": internal}}],
         "extensions": [
-            ext("0003*001", "org3", password=PW,
-                forward=["0003*002", "0003*011", "0804993222"], ring_self=True),
+            ext(
+                "0003*001",
+                "org3",
+                password=PW,
+                forward=["0003*002", "0003*011", "0804993222"],
+                ring_self=True,
+            ),
             ext("0003*002", "org3", password=PW),
             ext("0003*011", "org3", password=PW),
         ],
@@ -124,12 +142,16 @@ def voipnow(gw_port: int, public: int, internal: int) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize(("public", "internal", "ringing"), [
-    (1, 1, {"0003*002"}),
-    (2, 3, {"0003*001", "0003*002", "0003*011", "gw"}),
-])
-async def test_voipnow_transfer(e2e: E2E, api: Api, phones: Phones, public: int,
-                                internal: int, ringing: set[str]) -> None:
+@pytest.mark.parametrize(
+    ("public", "internal", "ringing"),
+    [
+        (1, 1, {"0003*002"}),
+        (2, 3, {"0003*001", "0003*002", "0003*011", "gw"}),
+    ],
+)
+async def test_voipnow_transfer(
+    e2e: E2E, api: Api, phones: Phones, public: int, internal: int, ringing: set[str]
+) -> None:
     gw = await phones.ua(CARRIER, user="gw")
     await api.put_config(voipnow(gw.port, public, internal))
     uas = {u: await phones.registered_ua(u, PW) for u in ("0003*001", "0003*002", "0003*011")}
@@ -162,8 +184,10 @@ async def test_hierarchy(e2e: E2E, api: Api, phones: Phones) -> None:
             {"id": "orgA", "parent": "provider", "limits": {"calls": 2}},
             {"id": "orgB", "parent": "provider", "limits": {"calls": 5}},
         ],
-        "extensions": [ext("a-app", "orgA", sources=["127.0.0.4"]),
-                       ext("b-app", "orgB", sources=["127.0.0.5"])],
+        "extensions": [
+            ext("a-app", "orgA", sources=["127.0.0.4"]),
+            ext("b-app", "orgB", sources=["127.0.0.5"]),
+        ],
         "channels": [channel("carrier", (CARRIER, gw.port))],
     }
     await api.put_config(doc)
@@ -192,8 +216,10 @@ async def test_channel_overflow(e2e: E2E, api: Api, phones: Phones) -> None:
         "counting": "per_call",
         "accounts": [{"id": "acme", "limits": {"calls": 10}}],
         "extensions": [ext("app", "acme", sources=[APP])],
-        "channels": [channel("first", (CARRIER, gw1.port), 1, ["+1"], 1),
-                     channel("second", ("127.0.0.6", gw2.port), 1, ["+1"], 2)],
+        "channels": [
+            channel("first", (CARRIER, gw1.port), 1, ["+1"], 1),
+            channel("second", ("127.0.0.6", gw2.port), 1, ["+1"], 2),
+        ],
     }
     await api.put_config(doc)
     app = await phones.ua(APP, user="app")
@@ -239,8 +265,9 @@ async def test_fail_closed_sidecar_down(e2e: E2E, api: Api, phones: Phones) -> N
 async def test_fail_open_counted_late(e2e: E2E, api: Api, phones: Phones) -> None:
     await api.put_config(office())
     port = free_port()
-    kam = KamailioProc(e2e.db_url, f"http://127.0.0.1:{port}", e2e.workdir, "FAIL_OPEN",
-                       node="e2e-open")
+    kam = KamailioProc(
+        e2e.db_url, f"http://127.0.0.1:{port}", e2e.workdir, "FAIL_OPEN", node="e2e-open"
+    )
     e2e.extra.append(kam)
     sc2: SidecarProc | None = None
     try:
@@ -285,11 +312,49 @@ async def test_sipsak_smoke(e2e: E2E, api: Api, phones: Phones, tmp_path: Path) 
     f.write_bytes(msg.encode())
     proc = await asyncio.to_thread(
         subprocess.run,
-        ["sipsak", "-f", str(f), "-s", f"sip:1002@127.0.0.1:{e2e.kamailio.port}",
-         "-l", str(port), "-H", "127.0.0.7", "--no-crlf", "-vv"],
-        capture_output=True, text=True, timeout=30, env=dict(os.environ),
+        [
+            "sipsak",
+            "-f",
+            str(f),
+            "-s",
+            f"sip:1002@127.0.0.1:{e2e.kamailio.port}",
+            "-l",
+            str(port),
+            "-H",
+            "127.0.0.7",
+            "--no-crlf",
+            "-vv",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(os.environ),
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "200" in out
     assert await api.wait_active(1, "acme") == 1
+
+
+async def test_max_call_duration_releases(e2e: E2E, api: Api, phones: Phones) -> None:
+    """MAX_CALL_DURATION reached: Kamailio's dialog module sends BYE both ways and the
+    call is released (reason timeout)."""
+    await api.put_config(office())
+    kam = KamailioProc(
+        e2e.db_url, e2e.sidecar.url, e2e.workdir, "MAX_CALL_DURATION=2", node="e2e-short"
+    )
+    e2e.extra.append(kam)
+    try:
+        await kam.wait_ready()
+        callee = await phones.ua(user="1002", password=PW)
+        assert (await callee.register(kam.addr, expires=600)).status == 200
+        app = await phones.ua(APP, user="app")
+        call = await app.invite("1002", proxy=kam.addr)
+        assert await call.wait_final(5) == 200
+        assert await api.wait_active(1, "acme") == 1
+        await call.wait_ended(10)  # the proxy's BYE
+        assert await api.wait_active(0, "acme", timeout=5) == 0
+        assert "event=release reason=timeout" in kam.text()
+        await callee.unregister(kam.addr)
+    finally:
+        kam.stop()
