@@ -29,6 +29,13 @@ def require_token(request: web.Request) -> None:
         raise ApiError(401, "unauthorized", "missing or wrong bearer token")
 
 
+def text_param(value: str | None, what: str) -> str | None:
+    """A query or path value bound for PostgreSQL text, which cannot hold NUL."""
+    if value is not None and ("\x00" in value or len(value) > 4096):
+        raise ApiError(400, "invalid_query", f"{what} is not a valid value")
+    return value
+
+
 async def get_config(request: web.Request) -> web.Response:
     require_token(request)
     async with request.app[POOL].acquire() as conn:
@@ -76,13 +83,22 @@ async def get_calls(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_query", "state must be ringing or answered")
     after = None
     if "after" in q:
-        cursor = parse(q["after"].encode()) if q["after"].startswith("[") else [q["after"], None]
-        after = (str(cursor[0]), None if cursor[1] is None else str(cursor[1]))
+        raw = text_param(q["after"], "after") or ""
+        cursor = parse(raw.encode()) if raw.startswith("[") else [raw, None]
+        if (
+            not isinstance(cursor, list)
+            or len(cursor) != 2
+            or not isinstance(cursor[0], str)
+            or not isinstance(cursor[1], str | None)
+            or "\x00" in "".join(c for c in cursor if c)
+        ):
+            raise ApiError(400, "invalid_query", "after must be a Call-ID or a `next` value")
+        after = (cursor[0], cursor[1])
     calls = await active_calls(
         request.app[POOL],
         state=state,
-        account=q.get("account"),
-        channel=q.get("channel"),
+        account=text_param(q.get("account"), "account"),
+        channel=text_param(q.get("channel"), "channel"),
         after=after,
         limit=limit,
     )
@@ -92,10 +108,9 @@ async def get_calls(request: web.Request) -> web.Response:
 
 async def delete_call(request: web.Request) -> web.Response:
     require_token(request)
-    call_id = request.match_info["call_id"]
-    released = await request.app[POOL].fetchval(
-        "SELECT release($1, $2)", call_id, request.query.get("from_tag")
-    )
+    call_id = text_param(request.match_info["call_id"], "call_id") or ""
+    from_tag = text_param(request.query.get("from_tag"), "from_tag")
+    released = await request.app[POOL].fetchval("SELECT release($1, $2)", call_id, from_tag)
     if not released:
         raise ApiError(404, "not_found", f"no active call {call_id!r}")
     request.app[METRICS].releases.labels("admin").inc()
