@@ -72,30 +72,34 @@ CREATE TRIGGER channels_counters BEFORE INSERT ON channels
 ------------------------------------------------------------------------------------------
 
 -- The account and all its ancestors, nearest first.
+-- (PL/pgSQL rather than SQL: its plans are cached per session; a SQL function that cannot
+-- be inlined is planned again at every call, which costs more than running it.)
 CREATE FUNCTION account_chain(p_account text) RETURNS text[]
-LANGUAGE sql STABLE AS $$
-    WITH RECURSIVE up(id, parent, depth) AS (
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (WITH RECURSIVE up(id, parent, depth) AS (
         SELECT id, parent, 0 FROM accounts WHERE id = p_account
         UNION ALL
         SELECT a.id, a.parent, up.depth + 1
         FROM accounts a JOIN up ON a.id = up.parent
         WHERE up.depth < 1000
     )
-    SELECT coalesce(array_agg(id::text ORDER BY depth), '{}') FROM up
-$$;
+    SELECT coalesce(array_agg(id::text ORDER BY depth), '{}') FROM up);
+END $$;
 
 -- Channels that may carry a call to p_number, in the order they are tried:
 -- longest matching prefix first, then lowest priority, then id.
 CREATE FUNCTION channel_candidates(p_number text) RETURNS text[]
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(array_agg(id ORDER BY best DESC, priority, id), '{}')
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(array_agg(id ORDER BY best DESC, priority, id), '{}')
     FROM (
         SELECT c.id::text AS id, c.priority, max(length(p)) AS best
         FROM channels c, unnest(c.prefixes) AS p
         WHERE c.gateway IS NOT NULL AND left(p_number, length(p)) = p
         GROUP BY c.id, c.priority
-    ) m
-$$;
+    ) m);
+END $$;
 
 -- Lock the counter rows behind these keys, accounts then channels, each in id order.
 CREATE FUNCTION lock_counters(p_keys text[]) RETURNS void LANGUAGE plpgsql AS $$
@@ -138,14 +142,15 @@ END $$;
 
 -- The counter keys a call's slots stand for: per_leg one per slot, per_call one per key.
 CREATE FUNCTION held_keys(p_call_id text, p_from_tag text, p_mode text, p_legs integer[] DEFAULT NULL)
-RETURNS text[] LANGUAGE sql STABLE AS $$
-    SELECT coalesce(
+RETURNS text[] LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(
         CASE WHEN p_mode = 'per_call' THEN array_agg(DISTINCT counter) ELSE array_agg(counter) END,
         '{}')
     FROM slots
     WHERE call_id = p_call_id AND from_tag = p_from_tag
-      AND (p_legs IS NULL OR leg = ANY(p_legs))
-$$;
+      AND (p_legs IS NULL OR leg = ANY(p_legs)));
+END $$;
 
 ------------------------------------------------------------------------------------------
 -- Admission
@@ -601,7 +606,8 @@ BEGIN
     SELECT array_agg(call_id), array_agg(from_tag) INTO v_ids, v_tags
     FROM (SELECT c.call_id, c.from_tag FROM calls c
           WHERE c.node = p_node AND c.state <> 'refused'
-            AND (c.boot IS DISTINCT FROM p_boot
+            -- A call recorded without a boot id (no heartbeat support) is never judged by it.
+            AND ((c.boot IS NOT NULL AND c.boot <> p_boot)
                  OR (p_dialogs IS NOT NULL AND c.created_at < now() - p_grace
                      AND NOT EXISTS (
                          SELECT 1 FROM jsonb_array_elements(p_dialogs) d
