@@ -77,10 +77,9 @@ class Sidecar:
 @asynccontextmanager
 async def running_sidecar(database_url: str, **overrides: Any) -> AsyncIterator[Sidecar]:
     """Start the real application (real pool, real HTTP on 127.0.0.1) and stop it after."""
-    settings = dataclasses.replace(
-        Settings(), database_url=database_url, admin_token=ADMIN_TOKEN, janitor_interval=3600,
-        db_pool_max=20, **overrides,
-    )
+    fields: dict[str, Any] = {"database_url": database_url, "admin_token": ADMIN_TOKEN,
+                              "janitor_interval": 3600, "db_pool_max": 20, **overrides}
+    settings = dataclasses.replace(Settings(), **fields)
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
