@@ -14,7 +14,12 @@ import hypothesis.errors
 import requests
 import schemathesis
 from aiohttp import web
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from sidecar.app import create_app
 from sidecar.openapi import document
@@ -100,6 +105,13 @@ class ThreadedSidecar:
 
 
 MAX_EXAMPLES = 20
+# No 5xx, and every answer is one the document declares (status, media type, body schema).
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 
 
 def test_schemathesis_finds_no_server_error(database_url: str) -> None:
@@ -139,7 +151,11 @@ def test_schemathesis_finds_no_server_error(database_url: str) -> None:
                     nonlocal calls
                     calls += 1
                     response = case.call(base_url=server.url, session=session, headers=headers)
-                    case.validate_response(response, checks=[not_a_server_error])
+                    # aiohttp's HTTP parser answers a request line over 8 KiB itself (plain-text
+                    # 400) before any of our code runs: only check such answers are not 5xx.
+                    too_long = len(response.request.url or "") > 8000
+                    checks = [not_a_server_error] if too_long else CHECKS
+                    case.validate_response(response, checks=checks)
 
                 try:
                     run()
