@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,32 +147,40 @@ async def cmd_release(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if n else 1
 
 
-def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+async def _serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; then turn /health unhealthy, let balancers and Kamailio
+    notice during the drain period, and only then close the listener and the pool."""
     from aiohttp import web
 
     from .app import create_app
+    from .state import STOPPING
 
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    log.info("listening", extra={"host": settings.host, "port": settings.port,
+                                 "shadow": settings.shadow,
+                                 "admin_token": "set" if settings.admin_token else "unset"})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    app[STOPPING].set()
+    log.info("draining", extra={"seconds": settings.shutdown_drain})
+    await asyncio.sleep(settings.shutdown_drain)
+    await runner.cleanup()
+    log.info("stopped")
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     with contextlib.suppress(ImportError):
         import uvloop
 
         uvloop.install()
-    log.info(
-        "starting",
-        extra={
-            "host": settings.host,
-            "port": settings.port,
-            "shadow": settings.shadow,
-            "admin_token": "set" if settings.admin_token else "unset",
-        },
-    )
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=5.0,
-    )
+    asyncio.run(_serve(settings))
     return 0
 
 

@@ -99,5 +99,10 @@ class Settings:
     migrate_on_start: bool = field(default_factory=lambda: _bool("SIDECAR_MIGRATE_ON_START", True))
     # Largest request body accepted, in bytes (413 above it).
     max_body_bytes: int = field(default_factory=lambda: _int("SIDECAR_MAX_BODY_BYTES", 1 << 20))
+    # Seconds between SIGTERM and closing the listener, while /health already answers 503 so
+    # balancers and Kamailio move away first (envoy-style drain).
+    shutdown_drain: float = field(
+        default_factory=lambda: float(_env("SIDECAR_SHUTDOWN_DRAIN", "2"))
+    )
     # Log level (DEBUG, INFO, WARNING...). Logs are JSON lines on stderr.
     log_level: str = field(default_factory=lambda: _env("SIDECAR_LOG_LEVEL", "INFO"))
