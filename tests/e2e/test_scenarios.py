@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -293,7 +292,6 @@ async def test_fail_open_counted_late(e2e: E2E, api: Api, phones: Phones) -> Non
             sc2.stop()
 
 
-@pytest.mark.skipif(shutil.which("sipsak") is None, reason="sipsak not installed")
 async def test_sipsak_smoke(e2e: E2E, api: Api, phones: Phones, tmp_path: Path) -> None:
     await api.put_config(office(app_ip="127.0.0.1"))  # sipsak sends from 127.0.0.1
     await phones.registered_ua("1002", PW)
