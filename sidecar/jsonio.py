@@ -9,6 +9,7 @@ from typing import Any
 
 import jsonschema
 import orjson
+import referencing
 from aiohttp import web
 
 from .errors import ApiError
@@ -17,12 +18,24 @@ SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 
 @cache
+def _registry() -> referencing.Registry[Any]:
+    """Every schema of sidecar/schemas that has an $id, so that one may $ref another's $defs
+    (the admin API's resource schemas wrap config.schema.json's)."""
+    pairs = []
+    for path in sorted(SCHEMA_DIR.glob("*.schema.json")):
+        contents = json.loads(path.read_text())
+        if "$id" in contents:
+            pairs.append((contents["$id"], referencing.Resource.from_contents(contents)))
+    return referencing.Registry().with_resources(pairs)
+
+
+@cache
 def validator(name: str) -> jsonschema.protocols.Validator:
     """The validator for sidecar/schemas/<name>.schema.json (loaded once)."""
     schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+    return cls(schema, registry=_registry(), format_checker=cls.FORMAT_CHECKER)
 
 
 def json_path(parts: Any) -> str:

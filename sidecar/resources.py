@@ -18,23 +18,20 @@ the path). The database's constraints stay the last guard (a race ends as a 409)
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import asyncpg
-import jsonschema
-import referencing
 from aiohttp import web
 
 from . import config_doc
 from .admin import require_token
 from .errors import ApiError
-from .jsonio import SCHEMA_DIR, json_path, parse, respond
+from .jsonio import parse, respond
+from .jsonio import problems as schema_problems
 from .state import POOL, SETTINGS
 
 log = logging.getLogger("sidecar.admin")
@@ -45,36 +42,6 @@ Problem = dict[str, str]
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 MAX_REFERRERS = 100  # names listed in a 409
-
-
-# --- schemas ------------------------------------------------------------------------------
-
-
-@cache
-def _registry() -> referencing.Registry[Any]:
-    """Every schema of sidecar/schemas that has an $id, so that wrappers can $ref config's."""
-    pairs = []
-    for path in sorted(SCHEMA_DIR.glob("*.schema.json")):
-        contents = json.loads(path.read_text())
-        if "$id" in contents:
-            pairs.append((contents["$id"], referencing.Resource.from_contents(contents)))
-    return referencing.Registry().with_resources(pairs)
-
-
-@cache
-def resource_validator(name: str) -> jsonschema.protocols.Validator:
-    schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema, registry=_registry(), format_checker=cls.FORMAT_CHECKER)
-
-
-def schema_problems(name: str, item: Any) -> list[Problem]:
-    found = [
-        {"path": json_path(err.absolute_path), "reason": err.message}
-        for err in resource_validator(name).iter_errors(item)
-    ]
-    return sorted(found, key=lambda p: p["path"])
 
 
 # --- JSON merge patch ---------------------------------------------------------------------
