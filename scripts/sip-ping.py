@@ -20,11 +20,11 @@ def probe(host: str, port: int, wait: float) -> str | None:
         lport = sock.getsockname()[1]
         tag = uuid.uuid4().hex[:10]
         msg = (
-            f"OPTIONS sip:ping@{host}:{port} SIP/2.0\r\n"
+            f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{lport};branch=z9hG4bK{tag};rport\r\n"
             "Max-Forwards: 70\r\n"
             f"From: <sip:probe@127.0.0.1>;tag={tag}\r\n"
-            f"To: <sip:ping@{host}>\r\n"
+            f"To: <sip:{host}:{port}>\r\n"
             f"Call-ID: {tag}@127.0.0.1\r\n"
             "CSeq: 1 OPTIONS\r\n"
             "User-Agent: sip-ping\r\n"
