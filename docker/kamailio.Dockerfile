@@ -10,7 +10,7 @@ RUN apt-get update \
       kamailio libcurl4-openssl-dev libevent-dev bison flex make gcc pkg-config \
       ca-certificates \
  && rm -rf /var/lib/apt/lists/*
-COPY scripts/build-http-async-client.sh /src/scripts/build-http-async-client.sh
+COPY scripts/lib.sh scripts/build-http-async-client.sh /src/scripts/
 # Builds in /src/.build, installs into the module dir and checks that it loads;
 # then we put the .so at a fixed path for the next stage.
 RUN /src/scripts/build-http-async-client.sh \

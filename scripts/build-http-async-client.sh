@@ -19,18 +19,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
-say() { echo "==> $*" >&2; }
-die() { echo "ERROR: $*" >&2; exit 1; }
-
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        die "need root (or sudo) to run: $*"
-    fi
-}
+. "$here/lib.sh"
 
 command -v kamailio >/dev/null 2>&1 || die "kamailio is not installed (run scripts/install-system.sh)"
 

@@ -17,8 +17,7 @@
 set -euo pipefail
 
 usage() { echo "usage: $0 start|stop|status|url DIR PORT" >&2; exit 2; }
-say() { echo "==> $*" >&2; }
-die() { echo "ERROR: $*" >&2; exit 1; }
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [ $# -eq 3 ] || usage
 cmd=$1 port=$3

@@ -20,8 +20,7 @@ config_doc="$repo/examples/config.json"
 api=http://127.0.0.1:${SIDECAR_PORT:-8080}  # the sidecar listens on SIDECAR_HOST:SIDECAR_PORT
 pg_port=${SIDECAR_PG_PORT:-55432}
 
-say() { echo "==> $*" >&2; }
-die() { echo "ERROR: $*" >&2; exit 1; }
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 mkdir -p "$run"
 

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 run="$PWD/.run"
 
-say() { echo "==> $*" >&2; }
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # stop_pid NAME PIDFILE WORD: TERM the pid in PIDFILE if it is alive and its
 # command line contains WORD (a stale pid file may point at a reused pid);
