@@ -138,7 +138,7 @@ async def main() -> None:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
         if cluster:
-            cluster.stop()
+            cluster.remove()
 
 
 if __name__ == "__main__":

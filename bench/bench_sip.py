@@ -355,8 +355,7 @@ async def main() -> int:
             await drop_database(server, db_url)
         if cluster is not None:
             say("stopping the private PostgreSQL cluster")
-            await asyncio.to_thread(cluster.stop)
-            shutil.rmtree(cluster.dir, ignore_errors=True)
+            await asyncio.to_thread(cluster.remove)
         if args.keep or rc:
             say(f"logs kept in {workdir}")
         else:

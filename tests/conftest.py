@@ -5,6 +5,7 @@ from a migrated template (fast, and no test sees another's rows)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -51,6 +52,11 @@ class PrivateCluster:
     def stop(self) -> None:
         self._run("stop")
 
+    def remove(self) -> None:
+        """Stop, and delete the cluster's files."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
@@ -63,7 +69,7 @@ def pg_server_url() -> Iterator[str]:
     try:
         yield cluster.url
     finally:
-        cluster.stop()
+        cluster.remove()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ real restart of a cluster of this test's own) or the sidecar is shutting down.""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Iterator
 
@@ -25,8 +24,7 @@ def cluster() -> Iterator[PrivateCluster]:
     try:
         yield c
     finally:
-        c.stop()
-        shutil.rmtree(c.dir, ignore_errors=True)
+        c.remove()
 
 
 async def wait_for_health(sc: Sidecar, want: int, within: float = 20.0) -> dict[str, str]:
