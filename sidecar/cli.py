@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,19 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
-async def _connect(settings: Settings) -> asyncpg.Connection:
-    return await asyncpg.connect(settings.database_url)
+@contextlib.asynccontextmanager
+async def _connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """One connection for one command, closed whatever happens."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    conn = await _connect(settings)
-    try:
+    async with _connection(settings) as conn:
         applied = await db.migrate(conn)
-    finally:
-        await conn.close()
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
     return 0
 
@@ -60,8 +64,7 @@ async def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{p['path']}: {p['reason']}", file=sys.stderr)
         print(f"error: {len(found)} problem(s); nothing changed", file=sys.stderr)
         return 1
-    conn = await _connect(settings)
-    try:
+    async with _connection(settings) as conn:
         await db.migrate(conn)
         tr = conn.transaction()
         await tr.start()
@@ -76,19 +79,14 @@ async def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
             await tr.rollback()
         else:
             await tr.commit()
-    finally:
-        await conn.close()
     what = ", ".join(f"{n} {k}" for k, n in counts.items())
     print(("dry run: would import " if args.dry_run else "imported ") + what)
     return 0
 
 
 async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
-    conn = await _connect(settings)
-    try:
+    async with _connection(settings) as conn:
         _print_json(await config_doc.export(conn))
-    finally:
-        await conn.close()
     return 0
 
 
@@ -98,11 +96,8 @@ def _fmt(counter: dict[str, Any]) -> str:
 
 
 async def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
-    conn = await _connect(settings)
-    try:
+    async with _connection(settings) as conn:
         data = await usage(conn)
-    finally:
-        await conn.close()
     if args.json:
         _print_json(data)
         return 0
@@ -118,13 +113,10 @@ async def cmd_usage(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_calls(settings: Settings, args: argparse.Namespace) -> int:
-    conn = await _connect(settings)
-    try:
+    async with _connection(settings) as conn:
         calls = await active_calls(
             conn, state=args.state, account=args.account, channel=args.channel, limit=args.limit
         )
-    finally:
-        await conn.close()
     if args.json:
         _print_json(calls)
         return 0
@@ -138,11 +130,8 @@ async def cmd_calls(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_release(settings: Settings, args: argparse.Namespace) -> int:
-    conn = await _connect(settings)
-    try:
+    async with _connection(settings) as conn:
         n = await conn.fetchval("SELECT release($1, $2)", args.call_id, args.from_tag)
-    finally:
-        await conn.close()
     print(f"released {n} call(s)")
     return 0 if n else 1
 
@@ -160,9 +149,15 @@ async def _serve(settings: Settings) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
-    log.info("listening", extra={"host": settings.host, "port": settings.port,
-                                 "shadow": settings.shadow,
-                                 "admin_token": "set" if settings.admin_token else "unset"})
+    log.info(
+        "listening",
+        extra={
+            "host": settings.host,
+            "port": settings.port,
+            "shadow": settings.shadow,
+            "admin_token": "set" if settings.admin_token else "unset",
+        },
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

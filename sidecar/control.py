@@ -68,18 +68,15 @@ def wire_decision(decision: dict[str, Any], request: web.Request) -> dict[str, A
     if action == "challenge":
         return {"action": "challenge"}
     why = decision.get("why")
-    if why == "limit_origin":
+    if why in ("limit_origin", "limit_destination"):
+        code = (
+            settings.origin_refusal_code
+            if why == "limit_origin"
+            else settings.destination_refusal_code
+        )
         return {
             "action": "reject",
-            "code": settings.origin_refusal_code,
-            "reason": LIMIT_REASON,
-            "limit": True,
-            "counter": decision.get("counter"),
-        }
-    if why == "limit_destination":
-        return {
-            "action": "reject",
-            "code": settings.destination_refusal_code,
+            "code": code,
             "reason": LIMIT_REASON,
             "limit": True,
             "counter": decision.get("counter"),
