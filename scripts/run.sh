@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Bring everything up on loopback and return once it is all ready:
 #   1. PostgreSQL: $DATABASE_URL when set, else a private cluster in .run/pg
-#      on 127.0.0.1:$SIDECAR_PG_PORT (default 55432),
-#   2. `sidecar migrate` and `sidecar import examples/config.json`,
+#      on 127.0.0.1:$SIDECAR_PG_PORT (default 25432: below Linux's ephemeral port
+#      range 32768-60999, so an outgoing connection can never have taken it),
+#   2. `sidecar migrate`, and `sidecar import examples/config.json` only into an
+#      empty database (what an operator loaded is never replaced),
 #   3. `sidecar serve` in the background (API on 127.0.0.1:8080, or $SIDECAR_PORT),
 #   4. Kamailio on UDP/TCP 127.0.0.1:5060 with kamailio/kamailio.cfg.
 # State, logs and pid files live in .run/. `scripts/stop.sh` undoes it.
@@ -18,7 +20,7 @@ sidecar="$repo/.venv/bin/sidecar"
 cfg="$repo/kamailio/kamailio.cfg"
 config_doc="$repo/examples/config.json"
 api=http://127.0.0.1:${SIDECAR_PORT:-8080}  # the sidecar listens on SIDECAR_HOST:SIDECAR_PORT
-pg_port=${SIDECAR_PG_PORT:-55432}
+pg_port=${SIDECAR_PG_PORT:-25432}
 
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -66,11 +68,19 @@ export SIDECAR_ADMIN_TOKEN
 # --- 2. schema and configuration --------------------------------------------
 say "applying database migrations (sidecar migrate)"
 "$sidecar" migrate
-if [ -f "$config_doc" ]; then
-    say "loading examples/config.json (sidecar import)"
+# The example goes only into an empty database: a configuration an operator
+# loaded (CLI, API, SQL) survives every `make run`.
+configured=$(psql "$DATABASE_URL" -X -At -v ON_ERROR_STOP=1 -c \
+    "SELECT (SELECT count(*) FROM accounts) + (SELECT count(*) FROM extensions)
+          + (SELECT count(*) FROM numbers) + (SELECT count(*) FROM channels)") \
+    || die "cannot read the configuration tables at $DATABASE_URL"
+if [ "$configured" != 0 ]; then
+    say "the database already holds a configuration ($configured items); keeping it"
+elif [ -f "$config_doc" ]; then
+    say "empty configuration: loading examples/config.json (sidecar import)"
     "$sidecar" import "$config_doc"
 else
-    say "examples/config.json not found; starting with the configuration already in the database"
+    say "examples/config.json not found; starting with an empty configuration"
 fi
 
 # --- 3. the sidecar -----------------------------------------------------------
@@ -136,7 +146,9 @@ else
     # so this instance does not collide with another one on the machine.
     mkdir -p "$run/kamailio-rt"
     # shellcheck disable=SC2086
-    kamailio -f "$cfg" -P "$run/kamailio.pid" -Y "$run/kamailio-rt" -E ${KAMAILIO_OPTS:-} \
+    # -M 32: the heartbeat lists every dialog (about 1 MB for 10,000 calls) in
+    # the timer process's private memory.
+    kamailio -f "$cfg" -P "$run/kamailio.pid" -Y "$run/kamailio-rt" -E -m 256 -M 32 ${KAMAILIO_OPTS:-} \
         -A "DBURL=\"$dburl\"" -A "SIDECAR_URL=\"$api\"" \
         </dev/null >>"$run/kamailio.log" 2>&1 \
         || { tail -n 40 "$run/kamailio.log" >&2; die "Kamailio failed to start (log: .run/kamailio.log)"; }
