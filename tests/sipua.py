@@ -13,6 +13,19 @@ Messages are kept as they were on the wire: header values are decoded with
 ``SipMessage.raw`` holds the datagram. Tests may pass hostile header lines verbatim
 (``extra_headers``, ``from_header``, ``to_header``) or whole datagrams (``send_raw``).
 
+Attacker tests: ``ua.request_raw(method, ruri, dest, call_id, from_tag, to_tag, cseq,
+routes=[...], extra_headers=[...], body=b"")`` sends a request with every dialog identifier
+chosen by the test and returns the final status (``request_raw_response`` the response,
+``build_request_raw`` only the bytes); ``call.cancel(force=True)`` / ``call.send_cancel()``
+CANCEL with the INVITE's branch at any moment, after the 200 too; ``call.replay_invite()``
+sends the call's INVITE again (same bytes, or ``new_branch=True``). A UAS counts every
+INVITE datagram before deduplication: ``uas.raw_invites(call_id)``, ``uas.invite_count``.
+
+Digest: challenges with ``qop="auth"`` (also among others, ``"auth,auth-int"``) are
+answered with qop=auth, a cnonce and nc counting per nonce; challenges without qop the
+RFC 2069 way. ``ua.preemptive_auth = True`` reuses the last nonce on new requests (nc 2,
+3, ...). :class:`DigestChallenger` issues such challenges and checks nc/cnonce.
+
 Timers follow RFC 3261 (T1 = 0.5 s by default, configurable per UA for fast tests).
 Everything runs on the event loop thread; no locks are needed, and many UAs and calls
 may run concurrently (client transactions are keyed by branch + method, dialogs by
@@ -537,7 +550,14 @@ def digest_response(
 class DigestChallenger:
     """Test-only digest challenger. Use as ``uas.on_invite = DigestChallenger(...)``
     (407 + Proxy-Authenticate, then verifies Proxy-Authorization and answers) or as
-    ``uas.registrar = DigestChallenger(..., proxy=False)`` for REGISTER (401)."""
+    ``uas.registrar = DigestChallenger(..., proxy=False)`` for REGISTER (401).
+
+    ``qop``: True offers ``qop="auth"``; a string is offered as given (``"auth,auth-int"``);
+    False/None/"" sends a challenge without qop (RFC 2069 style). With qop, a response
+    must say ``qop=auth``, carry a ``cnonce`` and an ``nc`` greater than the last one
+    accepted for that nonce (nonce counting: a nonce may be reused with nc 2, 3, ...).
+    ``stale_after``: a nonce used that many times is refused with a new challenge
+    carrying ``stale=true``."""
 
     def __init__(
         self,
@@ -545,66 +565,103 @@ class DigestChallenger:
         realm: str = "sipua.test",
         *,
         proxy: bool = True,
-        qop: bool = True,
+        qop: bool | str | None = True,
         then: Literal["answer", "ring"] = "answer",
+        opaque: str | None = None,
+        stale_after: int | None = None,
     ) -> None:
         self.users = users
         self.realm = realm
         self.proxy = proxy
-        self.qop = qop
+        self.qop = ("auth" if qop is True else qop) or ""
         self.then = then
-        self.nonces: dict[str, int] = {}  # nonce -> highest nc seen
+        self.opaque = opaque
+        self.stale_after = stale_after
+        self.nonces: dict[str, int] = {}  # nonce -> highest nc accepted (0: none yet)
+        self.uses: dict[str, int] = {}  # nonce -> requests accepted with it
         self.challenges = 0
+        self.stale = False  # the next challenge says stale=true
         self.accepted: list[str] = []
         self.failures: list[str] = []
+        self.credentials: list[dict[str, str]] = []  # every credential set verified
 
     @property
     def status(self) -> int:
         return 407 if self.proxy else 401
 
+    @property
+    def offered_qops(self) -> list[str]:
+        return [q.strip() for q in self.qop.split(",") if q.strip()]
+
     def challenge_header(self) -> tuple[str, str]:
         nonce = secrets.token_hex(16)
         self.nonces[nonce] = 0
+        self.uses[nonce] = 0
         self.challenges += 1
         name = "Proxy-Authenticate" if self.proxy else "WWW-Authenticate"
         value = f'Digest realm="{self.realm}", nonce="{nonce}", algorithm=MD5'
         if self.qop:
-            value += ', qop="auth"'
+            value += f', qop="{self.qop}"'
+        if self.opaque is not None:
+            value += f', opaque="{self.opaque}"'
+        if self.stale:
+            value += ", stale=true"
+            self.stale = False
         return name, value
 
+    def _fail(self, why: str) -> None:
+        self.failures.append(why)
+
     def verify(self, req: SipMessage) -> str | None:
-        """Username if the request carries valid credentials, else None."""
+        """Username if the request carries valid credentials, else None (the reason
+        goes to ``failures``)."""
         name = "proxy-authorization" if self.proxy else "authorization"
         creds = req.get_all(name)
         if not creds:
             return None
         for value in creds:
             p = parse_auth_params(value)
+            self.credentials.append(p)
             if p.get("realm") != self.realm:
-                self.failures.append("realm")
+                self._fail("realm")
                 continue
             nonce = p.get("nonce", "")
             if nonce not in self.nonces:
-                self.failures.append("stale nonce")
+                self._fail("stale nonce")
                 continue
             user = p.get("username", "")
             if user not in self.users:
-                self.failures.append("unknown user")
+                self._fail("unknown user")
+                continue
+            if self.opaque is not None and p.get("opaque") != self.opaque:
+                self._fail("opaque")
                 continue
             qop = p.get("qop") or None
-            if self.qop and qop != "auth":
-                self.failures.append("qop missing")
-                continue
             nc = p.get("nc", "")
-            if qop:
-                try:
-                    n = int(nc, 16)
-                except ValueError:
-                    self.failures.append("bad nc")
+            cnonce = p.get("cnonce", "")
+            if self.qop:
+                if qop is None:
+                    self._fail("qop missing")
                     continue
-                if n <= self.nonces[nonce]:
-                    self.failures.append("nc replay")
+                if qop not in self.offered_qops or qop != "auth":
+                    self._fail("bad qop")
                     continue
+                if not cnonce:
+                    self._fail("cnonce missing")
+                    continue
+                if not re.fullmatch(r"[0-9a-fA-F]{8}", nc):
+                    self._fail("bad nc")
+                    continue
+                if int(nc, 16) <= self.nonces[nonce]:
+                    self._fail("nc replay")
+                    continue
+            elif qop is not None:
+                self._fail("qop not offered")
+                continue
+            if self.stale_after is not None and self.uses[nonce] >= self.stale_after:
+                self._fail("nonce used up")
+                self.stale = True
+                continue
             expected = digest_response(
                 user,
                 self.realm,
@@ -614,13 +671,14 @@ class DigestChallenger:
                 nonce,
                 qop,
                 nc,
-                p.get("cnonce", ""),
+                cnonce,
             )
             if expected != p.get("response"):
-                self.failures.append("bad response")
+                self._fail("bad response")
                 continue
             if qop:
                 self.nonces[nonce] = int(nc, 16)
+            self.uses[nonce] += 1
             self.accepted.append(user)
             return user
         return None
@@ -883,6 +941,8 @@ class Call(Dialog):
         self.challenges: list[SipMessage] = []  # 401/407 that were answered
         self.final: SipMessage | None = None
         self.retransmissions = 0  # manual, via retransmit()
+        self.cancels_sent = 0
+        self.replays: list[bytes] = []  # INVITEs sent again by replay_invite()
         self.tx = _ClientTx()
         self._final_fut: asyncio.Future[SipMessage] = asyncio.get_running_loop().create_future()
         self._waiters = _Waiters()
@@ -934,15 +994,9 @@ class Call(Dialog):
         self.retransmissions += 1
         self.ua.send_raw(self.invite_bytes, self.dest)
 
-    async def cancel(self, timeout: float = 5.0) -> int | None:
-        """CANCEL the pending INVITE; returns the CANCEL's final status, or None if the
-        INVITE already had a final response (nothing sent). Waits for a provisional
-        first, as RFC 3261 requires. The INVITE's own final (487) via wait_final()."""
-        if self.final is None and not self.provisionals:
-            with contextlib.suppress(TimeoutError):
-                await self.wait_response(lambda r: True, timeout)
-        if self.final is not None:
-            return None
+    def build_cancel(self) -> bytes:
+        """A CANCEL of the current INVITE: same branch, Request-URI, From, To (without
+        the remote tag), Call-ID and CSeq number."""
         headers: list[HeaderLike] = [
             ("Via", self.ua.via(self.branch)),
             ("Max-Forwards", "70"),
@@ -952,9 +1006,81 @@ class Call(Dialog):
             ("CSeq", f"{self.invite_cseq} CANCEL"),
             ("User-Agent", self.ua.user_agent),
         ]
-        data = build_message(f"CANCEL {self.request_uri} SIP/2.0", headers)
-        resp = await self.ua.transact(data, self.dest, self.branch, "CANCEL", timeout)
+        return build_message(f"CANCEL {self.request_uri} SIP/2.0", headers)
+
+    async def cancel(self, timeout: float = 5.0, *, force: bool = False) -> int | None:
+        """CANCEL the pending INVITE; returns the CANCEL's final status, or None if the
+        INVITE already had a final response (nothing sent). Waits for a provisional
+        first, as RFC 3261 requires. The INVITE's own final (487) via wait_final().
+
+        ``force=True`` sends the CANCEL at once, whatever the state: before any
+        response (while the proxy is still deciding), or after the 200 (a CANCEL that
+        must change nothing). It reuses the INVITE's branch; raises TimeoutError if the
+        CANCEL gets no final response."""
+        if not force:
+            if self.final is None and not self.provisionals:
+                with contextlib.suppress(TimeoutError):
+                    await self.wait_response(lambda r: True, timeout)
+            if self.final is not None:
+                return None
+        self.cancels_sent += 1
+        resp = await self.ua.transact(
+            self.build_cancel(), self.dest, self.branch, "CANCEL", timeout
+        )
         return resp.status
+
+    def send_cancel(self) -> bytes:
+        """Send one CANCEL datagram for the current INVITE now, without waiting for
+        anything (e.g. the very moment after the INVITE; several in a row)."""
+        data = self.build_cancel()
+        self.cancels_sent += 1
+        self.ua.send_raw(data, self.dest)
+        return data
+
+    async def replay_invite(self, *, new_branch: bool = False, timeout: float = 5.0) -> SipMessage:
+        """Send the current INVITE again as its own client transaction and return the
+        final response (ACKed: a non-2xx with the INVITE's branch, a 2xx end to end).
+
+        ``new_branch=False``: byte for byte the same datagram (same Call-ID, From tag,
+        CSeq and branch), e.g. once the proxy's transaction is gone. ``new_branch=True``:
+        only the top Via's branch differs, so the proxy sees a new transaction at once.
+        Responses to it do not change this Call's state (``final``, dialog)."""
+        data = self.invite_bytes
+        branch = self.branch
+        if new_branch:
+            branch = "z9hG4bK" + secrets.token_hex(8)
+            data = data.replace(_b(f"branch={self.branch}"), _b(f"branch={branch}"), 1)
+        self.replays.append(data)
+        cseq = self.invite_cseq
+
+        def on_final(resp: SipMessage) -> None:
+            code = resp.status or 0
+            if code < 300:
+                ack, dest = self._replay_ack_2xx(resp)
+                self.ua.send_raw(ack, dest)
+            else:
+                self._ack_non2xx(resp, branch, cseq)
+
+        return await self.ua.transact(data, self.dest, branch, "INVITE", timeout, on_final)
+
+    def _replay_ack_2xx(self, resp: SipMessage) -> tuple[bytes, Addr]:
+        routes = list(reversed(resp.values("record-route")))
+        target = resp.contact_uri or self.request_uri
+        dest = self.dest
+        ruri = target
+        if routes:
+            first = parse_uri(parse_name_addr(routes[0]).uri)
+            dest = first.dest
+        headers: list[HeaderLike] = [("Via", self.ua.via(new_branch())), ("Max-Forwards", "70")]
+        headers += [("Route", r) for r in routes]
+        headers += [
+            ("From", self.from_header),
+            ("To", resp.get("to") or ""),
+            ("Call-ID", self.call_id),
+            ("CSeq", f"{resp.cseq[0]} ACK"),
+            ("User-Agent", self.ua.user_agent),
+        ]
+        return build_message(f"ACK {ruri} SIP/2.0", headers), dest
 
     # -- receiving ------------------------------------------------------
     def _on_response(
@@ -1240,6 +1366,11 @@ class SipUA:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: list[asyncio.TimerHandle] = []
         self._nc: dict[str, int] = {}
+        # digest: reuse the last challenge's nonce on new INVITEs/REGISTERs (nc 2, 3, ...)
+        self.preemptive_auth = False
+        self.last_challenge: SipMessage | None = None
+        # every INVITE datagram received, retransmissions included, by Call-ID
+        self.invites_by_call_id: dict[str, list[SipMessage]] = {}
         self._reg_call_id = f"{secrets.token_hex(10)}@{local_ip}"
         self._reg_tag = new_tag()
         self._reg_cseq = 0
@@ -1493,6 +1624,8 @@ class SipUA:
         self.requests.append(req)
         method = req.method or ""
         branch = req.branch
+        if method == "INVITE":
+            self.invites_by_call_id.setdefault(req.call_id, []).append(req)
         if method == "ACK":
             dlg = self._find_dialog(req.call_id, req.to_tag)
             if dlg is None and branch:
@@ -1522,7 +1655,11 @@ class SipUA:
         to_tag = req.to_tag
         dlg = self._find_dialog(req.call_id, to_tag)
         if to_tag is not None or (dlg is not None and method != "INVITE"):
-            if dlg is None:
+            if dlg is None or (
+                to_tag is not None
+                and dlg.remote_tag is not None
+                and req.from_tag != dlg.remote_tag
+            ):  # a dialog is Call-ID + both tags (RFC 3261 12): a forged From tag is unknown
                 self.respond(req, st, 481)
             else:
                 dlg._on_request(req, st)
@@ -1588,13 +1725,50 @@ class SipUA:
             await asyncio.sleep(self.answer_delay)
         call.answer()
 
+    def raw_invites(self, call_id: str, *, initial_only: bool = True) -> list[SipMessage]:
+        """Every INVITE datagram received with that Call-ID, before any deduplication
+        (retransmissions, relayed duplicates). ``initial_only``: without a To tag."""
+        msgs = self.invites_by_call_id.get(call_id, [])
+        return [m for m in msgs if not initial_only or m.to_tag is None]
+
+    def invite_count(self, call_id: str, *, initial_only: bool = True) -> int:
+        """How many INVITE datagrams arrived for that Call-ID (see :meth:`raw_invites`)."""
+        return len(self.raw_invites(call_id, initial_only=initial_only))
+
+    def invite_transactions(self, call_id: str, *, initial_only: bool = True) -> list[str]:
+        """Distinct top-Via branches of those INVITEs, in order of arrival: one per
+        INVITE transaction the UAS saw."""
+        out: list[str] = []
+        for m in self.raw_invites(call_id, initial_only=initial_only):
+            b = m.branch or ""
+            if b not in out:
+                out.append(b)
+        return out
+
     async def wait_invite(self, timeout: float = 5.0) -> IncomingCall:
         """Next new incoming call (initial INVITE; retransmissions are not repeated)."""
         return await asyncio.wait_for(self._invite_q.get(), timeout)
 
     # -- client side ----------------------------------------------------
-    def authorization(self, challenge: SipMessage, method: str, uri: str) -> tuple[str, str] | None:
-        """(header name, value) answering a 401/407 with MD5 digest, or None."""
+    def authorization(
+        self,
+        challenge: SipMessage,
+        method: str,
+        uri: str,
+        *,
+        nc: int | None = None,
+        cnonce: str | None = None,
+        qop: str | None = None,
+    ) -> tuple[str, str] | None:
+        """(header name, value) answering a 401/407 with MD5 digest, or None.
+
+        A challenge offering ``qop="auth"`` (alone or among others, e.g. ``"auth,auth-int"``)
+        is answered with ``qop=auth``, a fresh ``cnonce`` and ``nc``: 00000001 the first
+        time a nonce is used, then one more at every reuse of the same nonce (nonce
+        counting). A challenge without qop gets the RFC 2069 answer (no nc/cnonce).
+        ``nc``/``cnonce``/``qop`` force those values (replays and forgeries in tests);
+        a forced ``nc`` does not move the counter. The challenge is remembered as
+        ``last_challenge`` (what ``preemptive_auth`` reuses)."""
         if self.password is None:
             return None
         if challenge.status == 407:
@@ -1607,24 +1781,37 @@ class SipUA:
         algorithm = p.get("algorithm", "MD5")
         if algorithm.upper() != "MD5":
             return None
+        self.last_challenge = challenge
         realm, nonce = p.get("realm", ""), p.get("nonce", "")
-        qops = [q.strip() for q in p.get("qop", "").split(",") if q.strip()]
+        qops = [q.strip().lower() for q in p.get("qop", "").split(",") if q.strip()]
+        use_qop = qop if qop is not None else ("auth" if "auth" in qops else None)
         value = f'Digest username="{self.auth_user}", realm="{realm}", nonce="{nonce}", '
         value += f'uri="{uri}", '
-        if "auth" in qops:
-            self._nc[nonce] = self._nc.get(nonce, 0) + 1
-            nc = f"{self._nc[nonce]:08x}"
-            cnonce = secrets.token_hex(8)
+        if use_qop:
+            if nc is None:
+                self._nc[nonce] = self._nc.get(nonce, 0) + 1
+                nc = self._nc[nonce]
+            nc_s = f"{nc:08x}"
+            cn = cnonce if cnonce is not None else secrets.token_hex(8)
             resp = digest_response(
-                self.auth_user, realm, self.password, method, uri, nonce, "auth", nc, cnonce
+                self.auth_user, realm, self.password, method, uri, nonce, use_qop, nc_s, cn
             )
-            value += f'response="{resp}", algorithm=MD5, cnonce="{cnonce}", nc={nc}, qop=auth'
+            value += f'response="{resp}", algorithm=MD5, cnonce="{cn}", nc={nc_s}, qop={use_qop}'
         else:
             resp = digest_response(self.auth_user, realm, self.password, method, uri, nonce)
             value += f'response="{resp}", algorithm=MD5'
         if "opaque" in p:
             value += f', opaque="{p["opaque"]}"'
         return name, value
+
+    def nonce_count(self, nonce: str) -> int:
+        """How many times this UA has answered with that nonce (the last nc sent)."""
+        return self._nc.get(nonce, 0)
+
+    def _preemptive(self, method: str, uri: str) -> tuple[str, str] | None:
+        if not self.preemptive_auth or self.last_challenge is None:
+            return None
+        return self.authorization(self.last_challenge, method, uri)
 
     def _normalise_uri(self, target: str) -> str:
         if ":" in target.split("@", 1)[0] and target.split(":", 1)[0].lower() in (
@@ -1676,7 +1863,7 @@ class SipUA:
         self.calls.append(call)
         self._calls_by_id[call.call_id] = call
         self._dialogs[(call.call_id, call.local_tag)] = call
-        call._send_invite()
+        call._send_invite(self._preemptive("INVITE", uri) if auth else None)
         return call
 
     async def register(
@@ -1692,7 +1879,8 @@ class SipUA:
         401/407 digest challenge (once, or again on stale=true). Returns the final."""
         aor = f"sip:{self.user}@{self.domain}"
         ruri = f"sip:{self.domain}"
-        auth: list[HeaderLike] = []
+        pre = self._preemptive("REGISTER", ruri)
+        auth: list[HeaderLike] = [pre] if pre else []
         tries = 0
         while True:
             self._reg_cseq += 1
@@ -1762,5 +1950,150 @@ class SipUA:
         self, target_uri: str, proxy: Addr | None = None, timeout: float = 5.0
     ) -> int:
         resp = await self.request("OPTIONS", target_uri, proxy, timeout=timeout)
+        assert resp.status is not None
+        return resp.status
+
+    # -- forged requests (attacker tests) -------------------------------
+    def build_request_raw(
+        self,
+        method: str,
+        ruri: str,
+        call_id: str,
+        from_tag: str | None,
+        to_tag: str | None,
+        cseq: int,
+        routes: Sequence[str] = (),
+        extra_headers: Sequence[HeaderLike] = (),
+        body: bytes = b"",
+        *,
+        branch: str | None = None,
+        from_uri: str | None = None,
+        to_uri: str | None = None,
+        from_header: str | bytes | None = None,
+        to_header: str | bytes | None = None,
+        cseq_method: str | None = None,
+        contact: bool | None = None,
+        content_type: str = "application/sdp",
+        max_forwards: int = 70,
+    ) -> tuple[bytes, str]:
+        """A request with every dialog identifier chosen by the caller: (bytes, branch).
+
+        ``routes``: Route header values, one line each, verbatim (``<sip:h;lr;ftag=x>``).
+        ``from_tag``/``to_tag``: None leaves the tag out. ``from_uri`` defaults to this
+        UA's AOR, ``to_uri`` to ``ruri``; ``from_header``/``to_header`` replace the whole
+        value verbatim (the tag arguments are then ignored). ``cseq_method`` defaults to
+        ``method``. ``contact``: default for INVITE/UPDATE/SUBSCRIBE/REFER."""
+        method = method.upper()
+        branch = branch or new_branch()
+        from_value = f"<{from_uri or f'sip:{self.user}@{self.domain}'}>"
+        if from_tag is not None:
+            from_value += f";tag={from_tag}"
+        to_value = f"<{to_uri or ruri}>"
+        if to_tag is not None:
+            to_value += f";tag={to_tag}"
+        fv: str | bytes = from_value if from_header is None else from_header
+        tv: str | bytes = to_value if to_header is None else to_header
+        headers: list[HeaderLike] = [
+            ("Via", self.via(branch)),
+            ("Max-Forwards", str(max_forwards)),
+        ]
+        headers += [("Route", r) for r in routes]
+        headers += [
+            ("From", fv),
+            ("To", tv),
+            ("Call-ID", call_id),
+            ("CSeq", f"{cseq} {cseq_method or method}"),
+        ]
+        if contact if contact is not None else method in ("INVITE", "UPDATE", "SUBSCRIBE", "REFER"):
+            headers.append(("Contact", f"<{self.contact_uri}>"))
+        headers.append(("User-Agent", self.user_agent))
+        headers += list(extra_headers)
+        if body:
+            headers.append(("Content-Type", content_type))
+        return build_message(f"{method} {ruri} SIP/2.0", headers, body), branch
+
+    async def request_raw_response(
+        self,
+        method: str,
+        ruri: str,
+        dest: Addr,
+        call_id: str,
+        from_tag: str | None,
+        to_tag: str | None,
+        cseq: int,
+        routes: Sequence[str] = (),
+        extra_headers: Sequence[HeaderLike] = (),
+        body: bytes = b"",
+        *,
+        timeout: float = 5.0,
+        **kw: Any,
+    ) -> SipMessage:
+        """Send a forged request (see :meth:`build_request_raw`) to ``dest`` as a client
+        transaction (retransmitted per timers E/A) and return its final response.
+        An INVITE's final is ACKed: a non-2xx hop by hop (same branch, Request-URI and
+        Route set), a 2xx with a new branch to ``dest`` (Request-URI: the 2xx's Contact).
+        ACK cannot be sent this way (no response): use ``send_raw(build_request_raw())``.
+        Raises TimeoutError when no final response comes."""
+        method = method.upper()
+        if method == "ACK":
+            raise ValueError("ACK has no response: send_raw(*build_request_raw(...)[:1], dest)")
+        data, branch = self.build_request_raw(
+            method, ruri, call_id, from_tag, to_tag, cseq, routes, extra_headers, body, **kw
+        )
+
+        def on_final(resp: SipMessage) -> None:  # every final, retransmissions too
+            if method != "INVITE":
+                return
+            ok = (resp.status or 0) < 300
+            ack, _ = self.build_request_raw(
+                "ACK",
+                (resp.contact_uri or ruri) if ok else ruri,
+                call_id,
+                from_tag,
+                to_tag,
+                cseq,
+                routes,
+                branch=None if ok else branch,
+                from_uri=kw.get("from_uri"),
+                to_uri=kw.get("to_uri"),
+                from_header=kw.get("from_header"),
+                to_header=resp.get("to") or kw.get("to_header"),
+                contact=False,
+            )
+            self.send_raw(ack, dest)
+
+        return await self.transact(data, dest, branch, method, timeout, on_final)
+
+    async def request_raw(
+        self,
+        method: str,
+        ruri: str,
+        dest: Addr,
+        call_id: str,
+        from_tag: str | None,
+        to_tag: str | None,
+        cseq: int,
+        routes: Sequence[str] = (),
+        extra_headers: Sequence[HeaderLike] = (),
+        body: bytes = b"",
+        *,
+        timeout: float = 5.0,
+        **kw: Any,
+    ) -> int:
+        """Like :meth:`request_raw_response`, returning only the final status code."""
+        resp = await self.request_raw_response(
+            method,
+            ruri,
+            dest,
+            call_id,
+            from_tag,
+            to_tag,
+            cseq,
+            routes,
+            extra_headers,
+            body,
+            timeout=timeout,
+            **kw,
+        )
         assert resp.status is not None
         return resp.status

@@ -15,6 +15,7 @@ from tests.sipua import (
     IncomingCall,
     SipMessage,
     SipUA,
+    _b,
     build_message,
     parse_auth_params,
     parse_name_addr,
@@ -284,6 +285,10 @@ async def test_manual_retransmission_is_same_bytes_and_one_call(
     invites = [m for m in callee.requests if m.method == "INVITE"]
     assert len(invites) == 2 and invites[0].raw == invites[1].raw == call.invite_bytes
     assert len(callee.received) == 1 and callee.incoming[0].st.retransmissions == 1
+    # counted raw, before the UAS's deduplication by branch
+    assert callee.invite_count(call.call_id) == 2
+    assert callee.invite_transactions(call.call_id) == [call.branch]
+    assert callee.invite_count("no-such-call") == 0
     # the UAS answered the retransmission with its last response (the 180)
     assert [r.status for r in call.responses].count(180) == 2
     assert await call.cancel() == 200
@@ -571,3 +576,317 @@ async def test_fifty_concurrent_calls(callee: SipUA) -> None:
     finally:
         await asyncio.gather(*(ua.close() for ua in uas))
     assert all(not ua.errors for ua in uas)
+
+
+# ---------------------------------------------------------------------------
+# Digest with qop=auth and nonce counting
+# ---------------------------------------------------------------------------
+
+
+def _challenge(qop: str | None, nonce: str = "n1", status: int = 407) -> SipMessage:
+    name = "Proxy-Authenticate" if status == 407 else "WWW-Authenticate"
+    value = f'Digest realm="r", nonce="{nonce}", algorithm=MD5'
+    if qop is not None:
+        value += f', qop="{qop}"'
+    return SipMessage.parse(f"SIP/2.0 {status} X\r\n{name}: {value}\r\n\r\n".encode())
+
+
+@pytest.mark.parametrize("offered", ["auth", "auth,auth-int", "auth-int, auth", None])
+def test_digest_answer_per_offered_qop(offered: str | None) -> None:
+    ua = SipUA(user="u", password="p")
+    hdr = ua.authorization(_challenge(offered), "INVITE", "sip:x@r")
+    assert hdr is not None and hdr[0] == "Proxy-Authorization"
+    p = parse_auth_params(hdr[1])
+    if offered is None:  # RFC 2069: no qop, nc or cnonce
+        assert not {"qop", "nc", "cnonce"} & set(p)
+        return
+    assert p["qop"] == "auth" and p["nc"] == "00000001" and len(p["cnonce"]) >= 8
+    assert ", qop=auth" in hdr[1] and "nc=00000001" in hdr[1]  # unquoted, as RFC 2617
+    # nc counts per nonce: the same nonce again is 2, a new nonce starts at 1
+    again = parse_auth_params(ua.authorization(_challenge(offered), "INVITE", "sip:x@r")[1])  # type: ignore[index]
+    other = parse_auth_params(ua.authorization(_challenge(offered, "n2"), "BYE", "sip:x@r")[1])  # type: ignore[index]
+    assert (again["nc"], other["nc"]) == ("00000002", "00000001")
+    assert again["cnonce"] != p["cnonce"]
+    assert ua.nonce_count("n1") == 2 and ua.nonce_count("n2") == 1
+
+
+def test_digest_auth_int_only_is_not_answered_with_auth() -> None:
+    """auth-int alone is not supported: the UA falls back to no qop (the challenger
+    then refuses it), it never claims qop=auth that was not offered."""
+    ua = SipUA(user="u", password="p")
+    hdr = ua.authorization(_challenge("auth-int"), "INVITE", "sip:x@r")
+    assert hdr is not None and "qop" not in parse_auth_params(hdr[1])
+
+
+def test_challenger_verifies_qop_nc_and_cnonce() -> None:
+    chal = DigestChallenger({"u": "p"}, realm="r", qop="auth,auth-int")
+    name, value = chal.challenge_header()
+    assert name == "Proxy-Authenticate" and 'qop="auth,auth-int"' in value
+    nonce = parse_auth_params(value)["nonce"]
+    resp407 = SipMessage.parse(f"SIP/2.0 407 X\r\n{name}: {value}\r\n\r\n".encode())
+    ua = SipUA(user="u", password="p")
+
+    def req(hdr: tuple[str, str] | None) -> SipMessage:
+        lines = "" if hdr is None else f"{hdr[0]}: {hdr[1]}\r\n"
+        return SipMessage.parse(f"INVITE sip:x@r SIP/2.0\r\n{lines}\r\n".encode())
+
+    first = ua.authorization(resp407, "INVITE", "sip:x@r")
+    assert chal.verify(req(first)) == "u" and chal.nonces[nonce] == 1
+    assert chal.verify(req(first)) is None and chal.failures == ["nc replay"]
+    second = ua.authorization(resp407, "INVITE", "sip:x@r")  # nc=2 on the same nonce
+    assert chal.verify(req(second)) == "u" and chal.nonces[nonce] == 2
+    skipped = ua.authorization(resp407, "INVITE", "sip:x@r", nc=9)
+    assert chal.verify(req(skipped)) == "u" and chal.nonces[nonce] == 9  # may skip ahead
+    lower = ua.authorization(resp407, "INVITE", "sip:x@r", nc=5)
+    assert chal.verify(req(lower)) is None and chal.failures[-1] == "nc replay"
+    no_cnonce = ua.authorization(resp407, "INVITE", "sip:x@r", nc=10, cnonce="")
+    assert chal.verify(req(no_cnonce)) is None and chal.failures[-1] == "cnonce missing"
+    assert no_cnonce is not None
+    bad_nc = (no_cnonce[0], no_cnonce[1].replace('cnonce=""', 'cnonce="c"').replace(
+        "nc=0000000a", "nc=zz"))
+    assert chal.verify(req(bad_nc)) is None and chal.failures[-1] == "bad nc"
+    no_qop = ua.authorization(resp407, "INVITE", "sip:x@r", qop="")
+    assert chal.verify(req(no_qop)) is None and chal.failures[-1] == "qop missing"
+    int_qop = ua.authorization(resp407, "INVITE", "sip:x@r", qop="auth-int")
+    assert chal.verify(req(int_qop)) is None and chal.failures[-1] == "bad qop"
+    # a cnonce changes the response: a tampered cnonce is a bad response
+    good = ua.authorization(resp407, "INVITE", "sip:x@r", nc=20)
+    assert good is not None
+    p = parse_auth_params(good[1])
+    tampered = (good[0], good[1].replace(p["cnonce"], "0" * len(p["cnonce"])))
+    assert chal.verify(req(tampered)) is None and chal.failures[-1] == "bad response"
+    assert chal.verify(req(good)) == "u" and chal.nonces[nonce] == 20
+    assert chal.verify(req(None)) is None  # no credentials at all
+
+
+def test_challenger_without_qop_refuses_qop_answers() -> None:
+    chal = DigestChallenger({"u": "p"}, realm="r", qop=False)
+    name, value = chal.challenge_header()
+    assert "qop" not in value
+    resp407 = SipMessage.parse(f"SIP/2.0 407 X\r\n{name}: {value}\r\n\r\n".encode())
+    ua = SipUA(user="u", password="p")
+    hdr = ua.authorization(resp407, "INVITE", "sip:x@r")
+    assert hdr is not None and "nc=" not in hdr[1]
+    msg = SipMessage.parse(f"INVITE sip:x@r SIP/2.0\r\n{hdr[0]}: {hdr[1]}\r\n\r\n".encode())
+    assert chal.verify(msg) == "u"
+    forced = ua.authorization(resp407, "INVITE", "sip:x@r", qop="auth")
+    assert forced is not None
+    msg = SipMessage.parse(f"INVITE sip:x@r SIP/2.0\r\n{forced[0]}: {forced[1]}\r\n\r\n".encode())
+    assert chal.verify(msg) is None and chal.failures == ["qop not offered"]
+
+
+async def test_preemptive_auth_reuses_nonce_with_counting(caller: SipUA, callee: SipUA) -> None:
+    chal = DigestChallenger({"carrier": "secret"}, qop="auth,auth-int")
+    callee.on_invite = chal
+    caller.preemptive_auth = True
+    calls = []
+    for _ in range(3):
+        call = await caller.invite(callee.uri)
+        assert await call.wait_final(3) == 200
+        calls.append(call)
+    assert chal.challenges == 1 and chal.accepted == ["carrier"] * 3 and not chal.failures
+    sent = [parse_auth_params(m.get("proxy-authorization") or "") for m in callee.received]
+    assert len(sent) == 4 and sent[0] == {}  # challenged once, then nonce reused
+    assert [p["nc"] for p in sent[1:]] == ["00000001", "00000002", "00000003"]
+    assert len({p["nonce"] for p in sent[1:]}) == 1
+    assert len({p["cnonce"] for p in sent[1:]}) == 3
+    assert [len(c.challenges) for c in calls] == [1, 0, 0]
+    # a replayed credential (nc 1 again) is refused, even with a valid response
+    assert caller.last_challenge is not None
+    replay = caller.authorization(caller.last_challenge, "INVITE", callee.uri, nc=1)
+    assert replay is not None
+    forged = await caller.invite(callee.uri, extra_headers=[replay], auth=False)
+    caller.preemptive_auth = False
+    assert await forged.wait_final(3) == 407
+    assert "nc replay" in chal.failures
+    for c in calls:
+        assert await c.bye() == 200
+
+
+async def test_stale_nonce_is_answered_with_a_new_one(caller: SipUA, callee: SipUA) -> None:
+    chal = DigestChallenger({"carrier": "secret"}, stale_after=1)
+    callee.on_invite = chal
+    caller.preemptive_auth = True
+    first = await caller.invite(callee.uri)
+    assert await first.wait_final(3) == 200
+    second = await caller.invite(callee.uri)  # reused nonce refused with stale=true
+    assert await second.wait_final(3) == 200
+    assert chal.failures == ["nonce used up"] and chal.challenges == 2
+    assert second.challenges and "stale=true" in (
+        second.challenges[0].get("proxy-authenticate") or ""
+    )
+    nonces = [parse_auth_params(m.get("proxy-authorization") or "").get("nonce")
+              for m in callee.received]
+    assert nonces[1] == nonces[2] != nonces[3]
+    assert parse_auth_params(callee.received[3].get("proxy-authorization") or "")["nc"] == (
+        "00000001"
+    )
+    assert await first.bye() == 200 and await second.bye() == 200
+
+
+async def test_register_preemptive_with_qop(caller: SipUA, callee: SipUA) -> None:
+    callee.registrar = DigestChallenger({"carrier": "secret"}, proxy=False, qop="auth")
+    caller.preemptive_auth = True
+    assert (await caller.register(callee.addr, expires=60)).status == 200
+    assert (await caller.register(callee.addr, expires=60)).status == 200
+    regs = [m for m in callee.requests if m.method == "REGISTER"]
+    assert len(regs) == 3 and "authorization" not in regs[0]
+    assert [parse_auth_params(m.get("authorization") or "")["nc"] for m in regs[1:]] == [
+        "00000001",
+        "00000002",
+    ]
+    assert callee.registrar.challenges == 1
+
+
+# ---------------------------------------------------------------------------
+# Forged requests, CANCEL at any moment, replayed INVITEs
+# ---------------------------------------------------------------------------
+
+
+async def test_request_raw_forged_in_dialog(caller: SipUA, callee: SipUA) -> None:
+    call = await caller.invite(callee.uri)
+    assert await call.wait_final(3) == 200
+    inc = await callee.wait_invite(1)
+    await inc.wait_acked(2)
+    routes = ["<sip:10.9.9.9;lr;ftag=zz>", "<sip:10.9.9.8;lr>"]
+    # a made-up To tag: the UAS does not know that dialog
+    status = await caller.request_raw(
+        "BYE",
+        callee.contact_uri,
+        callee.addr,
+        call.call_id,
+        call.local_tag,
+        "made-up",
+        50,
+        routes=routes,
+        extra_headers=[("X-Attack", "1")],
+    )
+    assert status == 481 and not inc.ended.is_set()
+    forged = callee.requests[-1]
+    assert forged.method == "BYE" and forged.uri == callee.contact_uri
+    assert forged.get_all("route") == routes and forged.get("x-attack") == "1"
+    assert forged.to_tag == "made-up" and forged.from_tag == call.local_tag
+    assert forged.cseq == (50, "BYE") and forged.call_id == call.call_id
+    assert "contact" not in forged
+    # wrong Call-ID, right tags: unknown too
+    assert (
+        await caller.request_raw(
+            "INFO", callee.contact_uri, callee.addr, "other@x", call.local_tag, inc.local_tag, 51
+        )
+        == 481
+    )
+    # a forged re-INVITE to an unknown dialog is refused and ACKed hop by hop
+    resp = await caller.request_raw_response(
+        "INVITE", callee.contact_uri, callee.addr, call.call_id, "evil", inc.local_tag, 52,
+        body=b"v=0\r\n",
+    )
+    assert resp.status == 481
+    # the right identifiers end the real dialog
+    status = await caller.request_raw(
+        "BYE", callee.contact_uri, callee.addr, call.call_id, call.local_tag, inc.local_tag, 53
+    )
+    assert status == 200 and inc.bye_received.is_set()
+
+
+async def test_request_raw_invite_and_verbatim_headers(caller: SipUA, callee: SipUA) -> None:
+    resp = await caller.request_raw_response(
+        "INVITE",
+        callee.uri,
+        callee.addr,
+        "forged-1@x",
+        "ft1",
+        None,
+        7,
+        body=b"v=0\r\n",
+        from_header='"x" <sip:victim@example.invalid>;tag=ft1',
+    )
+    assert resp.status == 200 and resp.to_tag
+    inc = await callee.wait_invite(1)
+    assert inc.invite.get("from") == '"x" <sip:victim@example.invalid>;tag=ft1'
+    assert inc.invite.contact_uri == caller.contact_uri and inc.invite.cseq == (7, "INVITE")
+    await inc.wait_acked(2)  # the 2xx was ACKed end to end
+    ack = inc.acks_received[0]
+    assert ack.cseq == (7, "ACK") and ack.to_tag == inc.local_tag and ack.branch != resp.branch
+    callee.on_invite = 486
+    resp = await caller.request_raw_response(
+        "INVITE", callee.uri, callee.addr, "forged-2@x", "ft2", None, 1
+    )
+    assert resp.status == 486
+    inc2 = await callee.wait_invite(1)
+    await inc2.wait_acked(2)
+    assert inc2.acks_received[0].branch == resp.branch  # non-2xx: hop by hop
+    with pytest.raises(ValueError):
+        await caller.request_raw("ACK", callee.uri, callee.addr, "x", "a", "b", 1)
+    data, branch = caller.build_request_raw(
+        "OPTIONS", callee.uri, "o@x", None, None, 3, cseq_method="BYE", max_forwards=0
+    )
+    m = SipMessage.parse(data)
+    assert m.branch == branch and m.cseq == (3, "BYE") and m.from_tag is None
+    assert m.get("max-forwards") == "0"
+
+
+async def test_cancel_forced_before_any_response(caller: SipUA, callee: SipUA) -> None:
+    callee.on_invite = "ignore"
+    call = await caller.invite(callee.uri)
+    assert await call.cancel(force=True) == 200  # no provisional awaited
+    assert await call.wait_final(2) == 487
+    cancel = next(m for m in callee.requests if m.method == "CANCEL")
+    assert cancel.branch == call.branch and cancel.cseq == (1, "CANCEL")
+    assert cancel.uri == call.request_uri and cancel.to_tag is None
+    assert call.cancels_sent == 1
+
+
+async def test_cancel_forced_after_200_changes_nothing(caller: SipUA, callee: SipUA) -> None:
+    call = await caller.invite(callee.uri)
+    assert await call.wait_final(3) == 200
+    inc = await callee.wait_invite(1)
+    assert await call.cancel() is None  # the polite CANCEL sends nothing now
+    assert await call.cancel(force=True) == 200  # the UAS answers the CANCEL itself
+    call.send_cancel()  # a fire-and-forget one too
+    await asyncio.sleep(0.05)
+    cancels = [m for m in callee.requests if m.method == "CANCEL"]
+    assert len(cancels) == 2 and all(m.branch == call.branch for m in cancels)
+    assert not inc.cancelled.is_set() and not inc.ended.is_set()
+    assert await call.bye() == 200
+
+
+async def test_cancel_with_digest_uses_the_authenticated_branch(
+    caller: SipUA, callee: SipUA
+) -> None:
+    callee.on_invite = DigestChallenger({"carrier": "secret"}, then="ring")
+    call = await caller.invite(callee.uri)
+    await call.wait_provisional(180, 2)
+    assert await call.cancel(force=True) == 200
+    assert await call.wait_final(2) == 487
+    invites = callee.raw_invites(call.call_id)
+    cancel = next(m for m in callee.requests if m.method == "CANCEL")
+    assert cancel.branch == invites[-1].branch == call.branch != invites[0].branch
+    assert cancel.cseq == (2, "CANCEL")
+
+
+async def test_replay_invite_same_bytes_and_new_branch(caller: SipUA, callee: SipUA) -> None:
+    call = await caller.invite(callee.uri)
+    assert await call.wait_final(3) == 200
+    assert await call.bye() == 200
+    # byte for byte: the UAS's server transaction still exists, it repeats its 200
+    resp = await call.replay_invite()
+    assert resp.status == 200 and call.replays == [call.invite_bytes]
+    assert callee.invite_count(call.call_id) == 2
+    assert callee.invite_transactions(call.call_id) == [call.branch]
+    assert callee.raw_invites(call.call_id)[1].raw == call.invite_bytes
+    assert len(callee.incoming) == 1
+    # a new branch: a new transaction at the UAS, here refused
+    callee.on_invite = 487
+    resp = await call.replay_invite(new_branch=True)
+    assert resp.status == 487 and resp.branch != call.branch
+    assert callee.invite_count(call.call_id) == 3
+    assert len(callee.invite_transactions(call.call_id)) == 2
+    again = callee.raw_invites(call.call_id)[2]
+    assert again.call_id == call.call_id and again.from_tag == call.local_tag
+    assert again.cseq == (1, "INVITE")
+    assert again.raw.replace(_b(resp.branch or ""), _b(call.branch)) == call.invite_bytes
+    inc = callee.incoming[-1]
+    await inc.wait_acked(2)
+    assert inc.acks_received[0].branch == resp.branch
+    assert call.final is not None and call.final.status == 200  # the call's state is kept
+    assert callee.invite_count(call.call_id, initial_only=False) == 3

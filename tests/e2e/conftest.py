@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -62,12 +63,20 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 @pytest.fixture
 def _kamailio_missing() -> None:
-    pytest.fail("kamailio or http_async_client.so is not installed: run `make deps` "
-                "(scripts/install-system.sh) first")
+    pytest.fail(
+        "kamailio or http_async_client.so is not installed: run `make deps` "
+        "(scripts/install-system.sh) first"
+    )
+
+
+ADDR_IN_USE = "address already in use"  # aiohttp's and Kamailio's bind failure, lower-cased
+START_TRIES = 5
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
+    """A port free for both UDP and TCP on 127.0.0.1 *now*: another process may take it
+    before ours binds it, so whoever starts a process on it must retry on a bind failure
+    (start_sidecar, start_kamailio) or hold it (PortHold)."""
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
             t.bind(("127.0.0.1", 0))
@@ -79,6 +88,34 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
                     continue
                 return port
     raise RuntimeError("no free port")
+
+
+class PortHold:
+    """A TCP port of 127.0.0.1 kept from everyone else until released: a socket bound with
+    SO_REUSEADDR but not listening. Connections to it are refused (as to a stopped
+    server), the kernel never hands it out for bind(port 0), other binders without
+    SO_REUSEADDR fail, and a server that sets SO_REUSEADDR (asyncio/aiohttp do) can bind
+    and listen on it meanwhile. So a sidecar may stay "down" on a known port and come up
+    there later without a race."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def release(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> PortHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _with_db(url: str, name: str) -> str:
@@ -129,11 +166,25 @@ class Proc:
             return ""
         return "\n".join(lines[-n:])
 
-    def text(self) -> str:
+    def text(self, since: int = 0) -> str:
+        """The log from byte offset ``since`` (a :meth:`mark`) on."""
         try:
-            return self.log.read_text(errors="replace")
+            with open(self.log, "rb") as fh:
+                fh.seek(since)
+                return fh.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+    def mark(self) -> int:
+        """The log's current end: pass it as ``since`` to see only what comes after."""
+        try:
+            return self.log.stat().st_size
+        except OSError:
+            return 0
+
+    def bind_failed(self) -> bool:
+        """The process exited because its port was taken."""
+        return not self.alive() and ADDR_IN_USE in self.text().lower()
 
 
 class SidecarProc(Proc):
@@ -169,6 +220,58 @@ class SidecarProc(Proc):
             time.sleep(0.1)
         raise RuntimeError(f"sidecar not healthy:\n{self.tail()}")
 
+    def records(
+        self, msg: str | None = None, since: int = 0, **fields: Any
+    ) -> list[dict[str, Any]]:
+        """The sidecar's JSON log lines (sidecar/logs.py) from ``since`` on whose "msg" is
+        ``msg`` (any when None) and whose fields equal ``fields`` (e.g. call_id=...)."""
+        out = []
+        for line in self.text(since).splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if not isinstance(rec, dict):
+                continue
+            if msg is not None and rec.get("msg") != msg:
+                continue
+            if all(rec.get(k) == v for k, v in fields.items()):
+                out.append(rec)
+        return out
+
+    async def wait_records(
+        self,
+        msg: str,
+        count: int = 1,
+        since: int = 0,
+        timeout: float = 5,
+        settle: float = 0.3,
+        **fields: Any,
+    ) -> list[dict[str, Any]]:
+        """Wait until at least ``count`` matching lines are logged, then ``settle`` seconds
+        more (so that a duplicate would show), and return all matching lines."""
+        end = time.monotonic() + timeout
+        while True:
+            if len(self.records(msg, since, **fields)) >= count or time.monotonic() > end:
+                break
+            await asyncio.sleep(0.05)
+        if settle:
+            await asyncio.sleep(settle)
+        return self.records(msg, since, **fields)
+
+
+# Kamailio's -A defines for every e2e node; a test passes "FR_INV_TIMER=30000" to change one.
+KAMAILIO_DEFAULTS = {
+    "WORKERS": "4",
+    "FR_TIMER": "2000",
+    "FR_INV_TIMER": "4000",
+    "HEARTBEAT_INTERVAL": "2",
+    "SIDECAR_TIMEOUT": "1000",
+}
+KAMAILIO_SWITCHES = ("WITH_LIMIT_HEADER",)
+
 
 class KamailioProc(Proc):
     def __init__(
@@ -180,9 +283,20 @@ class KamailioProc(Proc):
         port: int | None = None,
         node: str = "e2e-1",
     ):
+        defines = (*KAMAILIO_SWITCHES, *defines)
         self.port = port or free_port()
         self.addr = ("127.0.0.1", self.port)
+        self.node = node
         rundir = Path(tempfile.mkdtemp(prefix=f"kam-{self.port}-", dir=workdir))
+        # KEY=VALUE defines replace these defaults; bare names are switches
+        settings = dict(KAMAILIO_DEFAULTS)
+        switches = []
+        for d in defines:
+            key, eq, value = d.partition("=")
+            if eq:
+                settings[key] = value
+            else:
+                switches.append(d)
         argv = [
             "kamailio",
             "-f",
@@ -205,20 +319,10 @@ class KamailioProc(Proc):
             f"LISTEN_TCP=tcp:127.0.0.1:{self.port}",
             "-A",
             f'NODE_ID="{node}"',
-            "-A",
-            "WORKERS=4",
-            "-A",
-            "FR_TIMER=2000",
-            "-A",
-            "FR_INV_TIMER=4000",
-            "-A",
-            "HEARTBEAT_INTERVAL=2",
-            "-A",
-            "SIDECAR_TIMEOUT=1000",
-            "-A",
-            "WITH_LIMIT_HEADER",
         ]
-        for d in defines:
+        for key, value in settings.items():
+            argv += ["-A", f"{key}={value}"]
+        for d in switches:
             argv += ["-A", d]
         super().__init__("kamailio", argv, dict(os.environ), workdir / f"kamailio-{self.port}.log")
 
@@ -235,6 +339,64 @@ class KamailioProc(Proc):
                     pass
                 await asyncio.sleep(0.2)
         raise RuntimeError(f"kamailio not answering OPTIONS:\n{self.tail()}")
+
+    def events(self, event: str, since: int = 0, contains: str | None = None) -> list[str]:
+        """Kamailio's xlog lines ``event=<event> ...`` from ``since`` on (whole lines, the
+        log prefix `{method cseq call-id}` included when the route has a message), those
+        containing ``contains`` only (e.g. a Call-ID) when given."""
+        pat = re.compile(rf"(?:^|\s)event={re.escape(event)}(?:\s|$)")
+        return [
+            line
+            for line in self.text(since).splitlines()
+            if pat.search(line) and (contains is None or contains in line)
+        ]
+
+
+def kv(line: str) -> dict[str, str]:
+    """The key=value fields of a Kamailio xlog line."""
+    return dict(re.findall(r"(?:^|\s)([a-z_]+)=(\S*)", line))
+
+
+def start_sidecar(
+    db_url: str, workdir: Path, port: int | None = None, tries: int = START_TRIES, **env: str
+) -> SidecarProc:
+    """Start `sidecar serve` and wait until healthy. On a port someone took between
+    free_port() and the bind, start again on another port (not when ``port`` is fixed:
+    hold such a port with PortHold instead)."""
+    for attempt in range(tries):
+        sc = SidecarProc(db_url, workdir, port=port, **env)
+        try:
+            sc.wait_ready()
+            return sc
+        except RuntimeError:
+            sc.stop()
+            if port is None and sc.bind_failed() and attempt + 1 < tries:
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
+async def start_kamailio(
+    db_url: str,
+    sidecar_url: str,
+    workdir: Path,
+    *defines: str,
+    node: str = "e2e-1",
+    tries: int = START_TRIES,
+) -> KamailioProc:
+    """Start Kamailio on a free port and wait until it answers OPTIONS; on a bind failure
+    (its port taken meanwhile) start it again on another port."""
+    for attempt in range(tries):
+        kam = KamailioProc(db_url, sidecar_url, workdir, *defines, node=node)
+        try:
+            await kam.wait_ready()
+            return kam
+        except RuntimeError:
+            await asyncio.to_thread(kam.stop)
+            if kam.bind_failed() and attempt + 1 < tries:
+                continue
+            raise
+    raise AssertionError("unreachable")
 
 
 class Api:
@@ -270,11 +432,22 @@ class Api:
     async def active(
         self, account: str | None = None, counter: str = "calls", channel: str | None = None
     ) -> int:
+        """Active count of one counter in /v1/usage. A missing account, channel or counter
+        is an assertion error (a misspelled id must not read as 0)."""
         u = await self.usage()
         if channel is not None:
-            return int(u["channels"].get(channel, {}).get("calls", {}).get("active", 0))
-        assert account is not None
-        return int(u["accounts"].get(account, {}).get(counter, {}).get("active", 0))
+            kind, key, table = "channel", channel, u["channels"]
+        else:
+            assert account is not None, "active(): name an account or a channel"
+            kind, key, table = "account", account, u["accounts"]
+        assert key in table, f"no {kind} {key!r} in /v1/usage; {kind}s: {sorted(table)}"
+        counters = table[key]
+        assert counter in counters, (
+            f"{kind} {key!r} has no counter {counter!r}; counters: {sorted(counters)}"
+        )
+        entry = counters[counter]
+        assert isinstance(entry, dict) and "active" in entry, f"{kind} {key!r} {counter}: {entry}"
+        return int(entry["active"])
 
     async def wait_active(
         self,
@@ -289,6 +462,41 @@ class Api:
             n = await self.active(account, counter, channel)
             if n == expected or time.monotonic() > end:
                 return n
+            await asyncio.sleep(0.05)
+
+    async def steady_active(
+        self,
+        expected: int,
+        account: str | None = None,
+        counter: str = "calls",
+        channel: str | None = None,
+        seconds: float = 1.0,
+    ) -> list[int]:
+        """Poll for ``seconds``; return every value seen that differs from ``expected``
+        (empty: it held all along). Catches a slot taken and given back meanwhile."""
+        end = time.monotonic() + seconds
+        other: list[int] = []
+        while time.monotonic() < end:
+            n = await self.active(account, counter, channel)
+            if n != expected:
+                other.append(n)
+            await asyncio.sleep(0.05)
+        return other
+
+    async def call_record(self, call_id: str) -> dict[str, Any] | None:
+        """The active call with that Call-ID in /v1/calls, or None."""
+        found = [c for c in await self.calls() if c["call_id"] == call_id]
+        assert len(found) <= 1, found
+        return found[0] if found else None
+
+    async def wait_call_state(self, call_id: str, state: str | None, timeout: float = 5) -> Any:
+        """Wait until the call is in ``state`` (None: gone); return the state seen last."""
+        end = time.monotonic() + timeout
+        while True:
+            rec = await self.call_record(call_id)
+            seen = rec["state"] if rec else None
+            if seen == state or time.monotonic() > end:
+                return seen
             await asyncio.sleep(0.05)
 
     async def wait_idle(self, timeout: float = 5) -> list[dict[str, Any]]:
@@ -340,12 +548,14 @@ async def e2e_db(pg_server_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture(scope="session")
 async def e2e(e2e_db: str, e2e_workdir: Path) -> AsyncIterator[E2E]:
-    sc = SidecarProc(e2e_db, e2e_workdir, SIDECAR_RECONCILE_GRACE="2")
-    sc.wait_ready()
-    kam = KamailioProc(e2e_db, sc.url, e2e_workdir)
+    sc = await asyncio.to_thread(start_sidecar, e2e_db, e2e_workdir, SIDECAR_RECONCILE_GRACE="2")
+    try:
+        kam = await start_kamailio(e2e_db, sc.url, e2e_workdir)
+    except BaseException:
+        sc.stop()
+        raise
     env = E2E(e2e_workdir, e2e_db, sc, kam)
     try:
-        await kam.wait_ready()
         yield env
     finally:
         for p in [*env.extra, env.kamailio, env.sidecar]:

@@ -12,13 +12,17 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import (
+    ADDR_IN_USE,
     E2E,
     REALM,
     Api,
-    KamailioProc,
     Phones,
+    PortHold,
     SidecarProc,
     free_port,
+    kv,
+    start_kamailio,
+    start_sidecar,
 )
 
 pytestmark = pytest.mark.e2e
@@ -248,45 +252,66 @@ def office(app_ip: str = APP) -> dict[str, Any]:
 
 async def test_fail_closed_sidecar_down(e2e: E2E, api: Api, phones: Phones) -> None:
     await api.put_config(office())
-    dead = f"http://127.0.0.1:{free_port()}"
-    kam = KamailioProc(e2e.db_url, dead, e2e.workdir, node="e2e-closed")
-    e2e.extra.append(kam)
-    try:
-        await kam.wait_ready()
-        app = await phones.ua(APP, user="app")
-        call = await app.invite("1002", proxy=kam.addr)
-        assert await call.wait_final(5) == 503
-        assert call.final is not None and call.final.get("retry-after") == "5"
-    finally:
-        kam.stop()
+    with PortHold() as dead:  # nothing listens there, and nobody can start to meanwhile
+        kam = await start_kamailio(e2e.db_url, dead.url, e2e.workdir, node="e2e-closed")
+        e2e.extra.append(kam)
+        try:
+            kmark = kam.mark()
+            app = await phones.ua(APP, user="app")
+            call = await app.invite("1002", proxy=kam.addr)
+            assert await call.wait_final(5) == 503
+            assert call.final is not None and call.final.get("retry-after") == "5"
+            assert len(kam.events("fail_closed", kmark)) == 1, kam.text(kmark)
+            assert await api.active("acme") == 0
+        finally:
+            kam.stop()
 
 
 async def test_fail_open_counted_late(e2e: E2E, api: Api, phones: Phones) -> None:
+    """The sidecar is down when the call comes: the call rings anyway (fail-open), the
+    sidecar comes up on its port while it rings, and the call is counted when answered.
+    The sidecar's port is held from the start (PortHold: refused connections, as a down
+    server, and no one else can take it); the node rings for 30 s instead of 4 s so a
+    slow sidecar start on a busy machine cannot end the call first."""
     await api.put_config(office())
-    port = free_port()
-    kam = KamailioProc(
-        e2e.db_url, f"http://127.0.0.1:{port}", e2e.workdir, "FAIL_OPEN", node="e2e-open"
+    hold = PortHold()
+    sc2: SidecarProc | None = None
+    kam = await start_kamailio(
+        e2e.db_url, hold.url, e2e.workdir, "FAIL_OPEN", "FR_INV_TIMER=30000", node="e2e-open"
     )
     e2e.extra.append(kam)
-    sc2: SidecarProc | None = None
     try:
-        await kam.wait_ready()
+        kmark = kam.mark()
         callee = await phones.ua(user="1002", password=PW)
         assert (await callee.register(kam.addr, expires=600)).status == 200
         callee.on_invite = "ring"
         app = await phones.ua(APP, user="app")
         call = await app.invite("1002", proxy=kam.addr)
         await call.wait_provisional(180, 5)  # sidecar down: the call goes ahead
-        sc2 = SidecarProc(e2e.db_url, e2e.workdir, port=port)
+        assert len(kam.events("fail_open", kmark)) == 1, kam.text(kmark)
+        assert await api.active("acme") == 0  # not counted while it rings
+        sc2 = await asyncio.to_thread(start_sidecar, e2e.db_url, e2e.workdir, port=hold.port)
         e2e.extra.append(sc2)
-        await asyncio.to_thread(sc2.wait_ready)
-        callee.incoming[-1].answer()
+        hold.release()
+        assert call.final is None  # still ringing: the sidecar was ready in time
+        mark = sc2.mark()
+        inc = callee.incoming[-1]
+        assert inc.answer()
         assert await call.wait_final(5) == 200
+        await inc.wait_acked(5)
         assert await api.wait_active(1, "acme") == 1  # counted late
+        assert await api.wait_call_state(call.call_id, "answered") == "answered"
+        late = kam.events("late_admit", kmark, contains=call.call_id)
+        assert len(late) == 1, kam.text(kmark)
+        admitted = await sc2.wait_records("decision", 1, mark, call_id=call.call_id)
+        assert [d["action"] for d in admitted] == ["relay"], admitted
         assert await call.bye() == 200
         assert await api.wait_active(0, "acme") == 0
+        released = await sc2.wait_records("released", 1, mark, call_id=call.call_id)
+        assert [r["reason"] for r in released if r["released"]] == ["bye"], released
         await callee.unregister(kam.addr)
     finally:
+        hold.release()
         kam.stop()
         if sc2 is not None:
             sc2.stop()
@@ -295,7 +320,16 @@ async def test_fail_open_counted_late(e2e: E2E, api: Api, phones: Phones) -> Non
 async def test_sipsak_smoke(e2e: E2E, api: Api, phones: Phones, tmp_path: Path) -> None:
     await api.put_config(office(app_ip="127.0.0.1"))  # sipsak sends from 127.0.0.1
     await phones.registered_ua("1002", PW)
-    port = free_port()
+    for _attempt in range(3):  # sipsak's own port may be taken between pick and bind
+        port = free_port()
+        out = await _sipsak(e2e, tmp_path, port)
+        if ADDR_IN_USE not in out.lower():
+            break
+    assert "200" in out
+    assert await api.wait_active(1, "acme") == 1
+
+
+async def _sipsak(e2e: E2E, tmp_path: Path, port: int) -> str:
     msg = (
         f"INVITE sip:1002@{REALM} SIP/2.0\r\n"
         f"From: <sip:app@127.0.0.7>;tag=sipsak{port}\r\n"
@@ -329,30 +363,35 @@ async def test_sipsak_smoke(e2e: E2E, api: Api, phones: Phones, tmp_path: Path) 
         env=dict(os.environ),
     )
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    assert "200" in out
-    assert await api.wait_active(1, "acme") == 1
+    assert proc.returncode == 0 or ADDR_IN_USE in out.lower(), out
+    return out
 
 
 async def test_max_call_duration_releases(e2e: E2E, api: Api, phones: Phones) -> None:
     """MAX_CALL_DURATION reached: Kamailio's dialog module sends BYE both ways and the
-    call is released (reason timeout)."""
+    call is released (reason timeout), once, as Kamailio's log and the sidecar's say."""
     await api.put_config(office())
-    kam = KamailioProc(
+    kam = await start_kamailio(
         e2e.db_url, e2e.sidecar.url, e2e.workdir, "MAX_CALL_DURATION=2", node="e2e-short"
     )
     e2e.extra.append(kam)
     try:
-        await kam.wait_ready()
+        mark = e2e.sidecar.mark()
         callee = await phones.ua(user="1002", password=PW)
         assert (await callee.register(kam.addr, expires=600)).status == 200
         app = await phones.ua(APP, user="app")
         call = await app.invite("1002", proxy=kam.addr)
         assert await call.wait_final(5) == 200
         assert await api.wait_active(1, "acme") == 1
-        await call.wait_ended(10)  # the proxy's BYE
+        assert await api.wait_call_state(call.call_id, "answered") == "answered"
+        await call.wait_ended(10)  # the proxy's BYE, to both sides
+        await callee.incoming[-1].wait_ended(5)
+        assert call.bye_received.is_set() and callee.incoming[-1].bye_received.is_set()
         assert await api.wait_active(0, "acme", timeout=5) == 0
-        assert "event=release reason=timeout" in kam.text()
+        lines = kam.events("release", contains=call.call_id)
+        assert [kv(line)["reason"] for line in lines] == ["timeout"], lines
+        recs = await e2e.sidecar.wait_records("released", 1, mark, call_id=call.call_id)
+        assert [r["reason"] for r in recs if r["released"]] == ["timeout"], recs
         await callee.unregister(kam.addr)
     finally:
         kam.stop()
