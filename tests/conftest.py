@@ -47,7 +47,25 @@ class PrivateCluster:
                        check=True)
 
     def start(self) -> None:
-        self._run("start")
+        """Start; on the first start, a port taken since free_port() picked it (another
+        process bound it meanwhile) is traded for a new one, a few times."""
+        for attempt in range(5):
+            try:
+                self._run("start")
+                return
+            except subprocess.CalledProcessError:
+                if attempt == 4 or not self._port_taken():
+                    raise
+                self.port = free_port()
+                self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _port_taken(self) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", self.port))
+            except OSError:
+                return True
+        return False
 
     def stop(self) -> None:
         self._run("stop")
