@@ -41,6 +41,7 @@ class PrivateCluster:
         self.dir = tempfile.mkdtemp(prefix="sidecar-pg-")
         self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._started = False
 
     def _run(self, action: str) -> None:
         subprocess.run([str(ROOT / "scripts" / "pgcluster.sh"), action, self.dir, str(self.port)],
@@ -49,12 +50,14 @@ class PrivateCluster:
     def start(self) -> None:
         """Start; on the first start, a port taken since free_port() picked it (another
         process bound it meanwhile) is traded for a new one, a few times."""
+        first = not self._started
+        self._started = True
         for attempt in range(5):
             try:
                 self._run("start")
                 return
             except subprocess.CalledProcessError:
-                if attempt == 4 or not self._port_taken():
+                if not first or attempt == 4 or not self._port_taken():
                     raise
                 self.port = free_port()
                 self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
