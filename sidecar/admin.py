@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from datetime import timedelta
 
 from aiohttp import web
 
@@ -110,7 +111,12 @@ async def delete_call(request: web.Request) -> web.Response:
     require_token(request)
     call_id = text_param(request.match_info["call_id"], "call_id") or ""
     from_tag = text_param(request.query.get("from_tag"), "from_tag")
-    released = await request.app[POOL].fetchval("SELECT release($1, $2)", call_id, from_tag)
+    released = await request.app[POOL].fetchval(
+        "SELECT release($1, $2, 'admin', $3)",
+        call_id,
+        from_tag,
+        timedelta(seconds=request.app[SETTINGS].ringing_ttl),  # how long the tombstone lasts
+    )
     if not released:
         raise ApiError(404, "not_found", f"no active call {call_id!r}")
     request.app[METRICS].releases.labels("admin").inc()

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,12 @@ async def cmd_calls(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_release(settings: Settings, args: argparse.Namespace) -> int:
     async with _connection(settings) as conn:
-        n = await conn.fetchval("SELECT release($1, $2)", args.call_id, args.from_tag)
+        n = await conn.fetchval(
+            "SELECT release($1, $2, 'admin', $3)",
+            args.call_id,
+            args.from_tag,
+            timedelta(seconds=settings.ringing_ttl),  # how long the tombstone lasts
+        )
     print(f"released {n} call(s)")
     return 0 if n else 1
 

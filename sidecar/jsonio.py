@@ -54,7 +54,7 @@ def problems(name: str, document: Any) -> list[dict[str, str]]:
     return sorted(found, key=lambda p: p["path"])
 
 
-def parse(raw: bytes) -> Any:
+def parse(raw: bytes | bytearray) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -71,16 +71,27 @@ def check(name: str, document: Any) -> Any:
 
 async def read_body(request: web.Request, schema: str, max_bytes: int) -> Any:
     """The request's JSON body, validated against a schema; 413/415/400 otherwise."""
+    return check(schema, await read_json(request, max_bytes))
+
+
+async def read_json(request: web.Request, max_bytes: int) -> Any:
+    """The request's JSON body, not validated yet; 413/415/400 otherwise."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream") and request.body_exists:
         if ctype != "" and not ctype.endswith("+json"):
             raise ApiError(415, "unsupported_media_type", "send application/json")
-    raw = await request.content.read(max_bytes + 1)
+    # read(n) returns what has arrived so far, up to n bytes: read until the end (or too much).
+    raw = bytearray()
+    while len(raw) <= max_bytes:
+        chunk = await request.content.read(max_bytes + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
     if len(raw) > max_bytes:
         raise ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")
-    return check(schema, parse(raw))
+    return parse(raw)
 
 
 def respond(data: Any, status: int = 200) -> web.Response:

@@ -72,7 +72,9 @@ class Settings:
     )
     # A call still ringing after this many seconds is released: the INVITE transaction's
     # lifetime (Kamailio's max_inv_lifetime, 180 s by default). Also how long a refusal is
-    # remembered for retransmissions.
+    # remembered for retransmissions, and how long a released call's tombstone refuses an
+    # admission of the same call that comes late (a retransmission, a CANCEL that overtook
+    # the decision).
     ringing_ttl: int = field(default_factory=lambda: _int("SIDECAR_RINGING_TTL", 180))
     # An answered call is released after this many seconds whatever happens (lost BYE).
     max_call_duration: int = field(default_factory=lambda: _int("SIDECAR_MAX_CALL_DURATION", 14400))

@@ -35,7 +35,7 @@ SELECT c.call_id, c.from_tag, c.state, c.origin, c.destination, c.node, c.late,
        (SELECT array_agg(DISTINCT s.counter ORDER BY s.counter) FROM slots s
         WHERE s.call_id = c.call_id AND s.from_tag = c.from_tag) AS counters
 FROM calls c
-WHERE c.state <> 'refused'
+WHERE c.state IN ('ringing', 'answered')
   AND ($1::text IS NULL OR c.state = $1)
   AND ($2::text IS NULL OR EXISTS (SELECT 1 FROM slots s WHERE s.call_id = c.call_id
         AND s.from_tag = c.from_tag AND s.counter LIKE 'account:' || $2 || ':%'))

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 
 from sidecar.app import create_app
@@ -59,19 +60,47 @@ class Sidecar:
         out["call_id"] = call_id
         return out
 
-    async def answer(self, call_id: str, leg: int, from_tag: str = "ft") -> None:
-        status, out = await self.request("POST", "/v1/control/answer",
-                                         {"call_id": call_id, "from_tag": from_tag, "leg": leg},
-                                         admin=False)
+    async def answer(self, call_id: str, leg: int | None, from_tag: str = "ft") -> None:
+        """What Kamailio sends on the first 2xx: the leg it came from (0 for a call of one
+        leg), or no leg when it does not know."""
+        body: dict[str, Any] = {"call_id": call_id, "from_tag": from_tag}
+        if leg is not None:
+            body["leg"] = leg
+        status, out = await self.request("POST", "/v1/control/answer", body, admin=False)
         assert status == 200, out
 
-    async def release(self, call_id: str, from_tag: str | None = "ft") -> bool:
-        body: dict[str, Any] = {"call_id": call_id, "reason": "bye"}
+    async def release(self, call_id: str, from_tag: str | None = "ft",
+                      reason: str = "bye") -> bool:
+        body: dict[str, Any] = {"call_id": call_id, "reason": reason}
         if from_tag is not None:
             body["from_tag"] = from_tag
         status, out = await self.request("POST", "/v1/control/release", body, admin=False)
         assert status == 200, out
         return bool(out["released"])
+
+    async def heartbeat(self, dialogs: list[dict[str, Any]] | None, *, node: str = "test-node",
+                        boot: str = "boot-1") -> dict[str, Any]:
+        body: dict[str, Any] = {"node": node, "boot": boot}
+        if dialogs is not None:
+            body["dialogs"] = dialogs
+        status, out = await self.request("POST", "/v1/control/heartbeat", body, admin=False)
+        assert status == 200, out
+        return dict(out)
+
+
+def briefing(call_id: str, from_tag: str = "ft", state: int = 4) -> dict[str, Any]:
+    """One item of Kamailio's `dlg.briefing` RPC with format "cFs", as heartbeats carry it."""
+    return {"h_entry": len(call_id) % 4096, "h_id": 1000 + len(from_tag), "call-id": call_id,
+            "from_tag": from_tag, "state": state}
+
+
+async def counter_drift(database_url: str) -> list[Any]:
+    """Counters that differ from the call records: empty when nothing leaked."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return list(await conn.fetch("SELECT * FROM counter_drift()"))
+    finally:
+        await conn.close()
 
 
 @asynccontextmanager

@@ -52,9 +52,13 @@ class Config:
 class Call:
     legs: dict[int, list[str]] = field(default_factory=dict)   # admitted leg -> its keys
     state: str = "ringing"
+    decision: dict[str, Any] = field(default_factory=dict)
 
     def keys(self) -> set[str]:
         return {k for ks in self.legs.values() for k in ks}
+
+
+RELEASED = {"action": "reject", "why": "released"}
 
 
 class Model:
@@ -63,6 +67,8 @@ class Model:
         self.calls: dict[str, Call] = {}
         # Refusals are remembered too: the same call asked again gets the same answer.
         self.refused: dict[str, dict[str, Any]] = {}
+        # Released calls (and calls released before they were admitted): never counted again.
+        self.released: set[str] = set()
 
     def count(self, key: str) -> int:
         if self.config.counting == "per_call":
@@ -82,14 +88,26 @@ class Model:
         limit = self.config.limit(key)
         return limit is None or self.count(key) < limit
 
-    def admit(self, call_id: str, origin: str, dialled: str) -> dict[str, Any]:
+    def admit(self, call_id: str, origin: str, dialled: str, late: bool = False) -> dict[str, Any]:
         """origin: an extension id or 'channel:<id>'. Returns the decision in the SQL shape
-        reduced to what matters: action, why, counter, admitted legs and their targets."""
-        cfg = self.config
+        reduced to what matters: action, why, counter, admitted legs and their targets.
+        late: fail-open catch-up of a call already answered, counted whatever the limits."""
+        if call_id in self.released:
+            return RELEASED
         if call_id in self.calls:
-            return self.calls[call_id].decision  # type: ignore[attr-defined, no-any-return]
+            call = self.calls[call_id]
+            if late and call.state == "ringing":
+                self.answer(call_id, None)
+            return call.decision
         if call_id in self.refused:
-            return self.refused[call_id]
+            if not late:
+                return self.refused[call_id]
+            # The refusal never reached the caller and the call went ahead: decide it again.
+            del self.refused[call_id]
+        return self.decide(call_id, origin, dialled, force=late)
+
+    def decide(self, call_id: str, origin: str, dialled: str, force: bool) -> dict[str, Any]:
+        cfg = self.config
         in_chan = origin.split(":", 1)[1] if origin.startswith("channel:") else None
         origin_ext = None if in_chan else origin
         dest = cfg.local(dialled)
@@ -109,12 +127,22 @@ class Model:
             if cfg.extensions[dest]["ring_self"]:
                 legs.append((dest, dest, None, None))
 
-        call = Call()
+        call = Call(state="answered" if force else "ringing")
         self.calls[call_id] = call   # counts as it goes: earlier legs use room
         origin_accs = cfg.chain(origin_ext) if origin_ext else []
         refusal: dict[str, Any] | None = None
         targets: list[dict[str, Any]] = []
         for i, (frm, to, number, chan_in) in enumerate(legs):
+            # The channels the leg may leave or come in by.
+            if chan_in:
+                tries = [chan_in]
+            elif number and PHONE.match(number):
+                tries = cfg.candidates(number)
+            else:
+                tries = []
+            # A forward target no channel can carry (or no number at all) is not a leg.
+            if to is None and not tries:
+                continue
             cls = "internal" if frm and to else "public"
             acc_keys: list[str] = []
             for ext in (frm, to):
@@ -128,7 +156,6 @@ class Model:
             full = next((k for k in acc_keys if k not in held and not self.has_room(k)), None)
             chan = None
             if full is None:
-                tries = [chan_in] if chan_in else cfg.candidates(number) if number else []
                 for c in tries:
                     key = f"channel:{c}:calls"
                     if key in held or self.has_room(key):
@@ -137,27 +164,36 @@ class Model:
                 if tries and chan is None:
                     full = f"channel:{tries[0]}:calls"
             if full is not None:
-                if refusal is None and i in (0, 1):
+                if refusal is None:
                     why = ("limit_origin" if i == 0 and full.startswith("account:")
                            and full.split(":")[1] in origin_accs else "limit_destination")
                     refusal = {"action": "reject", "why": why, "counter": full}
-                if i == 0:
+                if force:
+                    chan = chan or (tries[0] if tries else None)
+                elif i == 0:
                     break
-                continue
+                else:
+                    continue
             call.legs[i] = acc_keys + ([f"channel:{chan}:calls"] if chan else [])
             if i > 0 or not forwards:
                 targets.append({"leg": i, "to": f"extension:{to}" if to else f"number:{number}",
                                 "channel": chan})
         if not targets:
             del self.calls[call_id]
-            decision = refusal or {"action": "reject", "why": "limit_destination"}
+            # Refused for the first limit that refused a leg, else: nothing can be reached.
+            decision = refusal or {"action": "reject", "why": "not_found"}
             self.refused[call_id] = decision
             return decision
-        decision = {"action": "relay", "legs": targets}
-        call.decision = decision  # type: ignore[attr-defined]
-        return decision
+        call.decision = {"action": "relay", "legs": targets}
+        return call.decision
 
-    def answer(self, call_id: str, leg: int) -> None:
+    def states(self) -> dict[str, str]:
+        """Every call recorded, by its state (as the calls table says)."""
+        return ({c: "refused" for c in self.refused} | {c: "released" for c in self.released}
+                | {c: call.state for c, call in self.calls.items()})
+
+    def answer(self, call_id: str, leg: int | None) -> None:
+        """A 2xx from leg (None: unknown, every slot stays)."""
         call = self.calls.get(call_id)
         if call is None or call.state != "ringing":
             return
@@ -165,6 +201,12 @@ class Model:
             call.legs = {n: ks for n, ks in call.legs.items() if n in (0, leg)}
         call.state = "answered"
 
-    def release(self, call_id: str) -> None:
-        self.calls.pop(call_id, None)
-        self.refused.pop(call_id, None)
+    def release(self, call_id: str, reason: str = "bye") -> None:
+        """The call's end: every slot back, and never counted again. A CANCEL ends only a
+        call not answered yet. A refusal stays as it was (it holds nothing)."""
+        call = self.calls.get(call_id)
+        if call is not None and reason == "cancel" and call.state == "answered":
+            return
+        if call_id not in self.refused:
+            self.calls.pop(call_id, None)
+            self.released.add(call_id)

@@ -594,7 +594,7 @@ class Phones:
     def __init__(self, proxy: tuple[str, int]):
         self.proxy = proxy
         self.uas: list[SipUA] = []
-        self.registered: list[SipUA] = []
+        self.registered: list[tuple[SipUA, tuple[str, int]]] = []
 
     async def ua(
         self,
@@ -610,18 +610,26 @@ class Phones:
         return ua
 
     async def registered_ua(
-        self, user: str, password: str, ip: str = "127.0.0.1", **kw: Any
+        self,
+        user: str,
+        password: str,
+        ip: str = "127.0.0.1",
+        proxy: tuple[str, int] | None = None,
+        **kw: Any,
     ) -> SipUA:
+        """A UA registered at `proxy` (default: the session's node); unregistered after the
+        test, so no later test forks to a contact that is gone."""
         ua = await self.ua(ip, user, password, **kw)
-        resp = await ua.register(self.proxy, expires=600)
+        at = proxy or self.proxy
+        resp = await ua.register(at, expires=600)
         assert resp.status == 200, resp
-        self.registered.append(ua)
+        self.registered.append((ua, at))
         return ua
 
     async def close(self) -> None:
-        for ua in self.registered:
+        for ua, at in self.registered:
             try:
-                await ua.unregister(self.proxy, timeout=2)
+                await ua.unregister(at, timeout=2)
             except Exception:  # noqa: BLE001 - best effort
                 pass
         for ua in self.uas:

@@ -78,8 +78,7 @@ async def forge(
 async def up_at_limit(api: Api, phones: Phones, proxy: tuple[str, int]) -> tuple[Call, Any, SipUA]:
     """One answered call 1001 -> 1002 at a limit of 1; returns (call, callee side, caller UA)."""
     await api.put_config(office())
-    callee = await phones.ua(user="1002", password=PW)
-    assert (await callee.register(proxy, expires=600)).status == 200
+    callee = await phones.registered_ua("1002", PW, proxy=proxy)
     caller = await phones.ua(user="1001", password=PW)
     call = await caller.invite("1002", proxy=proxy)
     assert await call.wait_final(5) == 200
@@ -296,8 +295,7 @@ async def test_limit_header_only_for_trusted_peers(
     hardened: KamailioProc, api: Api, phones: Phones
 ) -> None:
     await api.put_config(office())
-    callee = await phones.ua(user="1002", password=PW)
-    assert (await callee.register(hardened.addr, expires=600)).status == 200
+    await phones.registered_ua("1002", PW, proxy=hardened.addr)
     trusted = await phones.ua(user="1001", password=PW)
     first = await trusted.invite("1002", proxy=hardened.addr)
     assert await first.wait_final(5) == 200
