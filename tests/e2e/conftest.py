@@ -282,6 +282,7 @@ class KamailioProc(Proc):
         *defines: str,
         port: int | None = None,
         node: str = "e2e-1",
+        shm_mb: int = 128,
     ):
         defines = (*KAMAILIO_SWITCHES, *defines)
         self.port = port or free_port()
@@ -306,9 +307,9 @@ class KamailioProc(Proc):
             "-Y",
             str(rundir),
             "-m",
-            "128",
+            str(shm_mb),
             "-M",
-            "16",
+            "32",
             "-A",
             f'DBURL="{kamailio_db_url(db_url)}"',
             "-A",

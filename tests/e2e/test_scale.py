@@ -33,7 +33,7 @@ async def node(e2e: E2E) -> AsyncIterator[tuple[SidecarProc, KamailioProc]]:
     )
     sc.wait_ready()
     kam = KamailioProc(
-        e2e.db_url, sc.url, e2e.workdir, "LOG_LEVEL=1", node="e2e-scale",
+        e2e.db_url, sc.url, e2e.workdir, "LOG_LEVEL=1", node="e2e-scale", shm_mb=512,
     )
     try:
         await kam.wait_ready()
