@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import stat
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -478,3 +479,15 @@ async def test_late_fail_open_call_outlives_ringing_ttl(
             assert await api.wait_active(0, "acme") == 0
         finally:
             kam.stop()
+
+
+async def test_no_rpc_fifo_and_owner_only_ctl(e2e: E2E) -> None:
+    """No JSON-RPC FIFO or datagram socket (core.ppdefines_full would show every -A define,
+    SIDECAR_SECRET included); kamcmd's ctl socket is for its owner only."""
+    [rundir] = e2e.workdir.glob(f"kam-{e2e.kamailio.port}-*")
+    entries = {p.name: p.lstat() for p in rundir.iterdir()}
+    assert not any(stat.S_ISFIFO(st.st_mode) for st in entries.values()), entries
+    sockets = {n: st for n, st in entries.items() if stat.S_ISSOCK(st.st_mode)}
+    assert sockets, entries  # the ctl socket is there...
+    for name, st in sockets.items():
+        assert stat.S_IMODE(st.st_mode) & 0o077 == 0, (name, oct(st.st_mode))  # ...owner-only
