@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from . import config_doc
+from . import config_doc, db
 from .errors import ApiError
 from .jsonio import parse, read_body, respond
 from .state import METRICS, POOL, SETTINGS
@@ -111,12 +111,13 @@ async def delete_call(request: web.Request) -> web.Response:
     require_token(request)
     call_id = text_param(request.match_info["call_id"], "call_id") or ""
     from_tag = text_param(request.query.get("from_tag"), "from_tag")
-    released = await request.app[POOL].fetchval(
-        "SELECT release($1, $2, 'admin', $3)",
-        call_id,
-        from_tag,
-        timedelta(seconds=request.app[SETTINGS].ringing_ttl),  # how long the tombstone lasts
-    )
+    async with db.counters_locked(request.app[POOL]) as conn:
+        released = await conn.fetchval(
+            "SELECT release($1, $2, 'admin', $3)",
+            call_id,
+            from_tag,
+            timedelta(seconds=request.app[SETTINGS].ringing_ttl),  # how long the tombstone lasts
+        )
     if not released:
         raise ApiError(404, "not_found", f"no active call {call_id!r}")
     request.app[METRICS].releases.labels("admin").inc()

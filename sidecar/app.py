@@ -18,7 +18,7 @@ from .errors import error_middleware, error_response
 from .jsonio import respond
 from .metrics import Metrics
 from .settings import Settings
-from .state import METRICS, POOL, SETTINGS, STOPPING
+from .state import METRICS, POOL, SCHEDULER, SETTINGS, STOPPING
 
 log = logging.getLogger("sidecar")
 
@@ -123,6 +123,7 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
         if applied:
             log.info("migrations applied", extra={"applied": applied})
     app[POOL] = pool
+    app[SCHEDULER] = control.make_scheduler(app)
     yield
     await pool.close()
 
@@ -142,9 +143,10 @@ async def janitor_run(app: web.Application) -> None:
     pool = app[POOL]
     tombstone_ttl = timedelta(seconds=settings.ringing_ttl)
     for _ in range(_JANITOR_ROUNDS):
-        released = await pool.fetchval(
-            "SELECT expire_calls($1, $2)", _JANITOR_BATCH, tombstone_ttl
-        )
+        async with db.counters_locked(pool) as conn:
+            released = await conn.fetchval(
+                "SELECT expire_calls($1, $2)", _JANITOR_BATCH, tombstone_ttl
+            )
         if released:
             app[METRICS].expired.labels("timeout").inc(released)
             log.warning("expired calls released", extra={"released": released})

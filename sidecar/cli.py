@@ -131,7 +131,7 @@ async def cmd_calls(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_release(settings: Settings, args: argparse.Namespace) -> int:
-    async with _connection(settings) as conn:
+    async with _connection(settings) as c, db.counters_locked(c) as conn:
         n = await conn.fetchval(
             "SELECT release($1, $2, 'admin', $3)",
             args.call_id,

@@ -18,17 +18,21 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import db
+from .batching import Overloaded, Scheduler
 from .errors import ApiError
 from .jsonio import check, read_body, read_json, respond
-from .state import METRICS, POOL, SETTINGS
+from .state import METRICS, POOL, SCHEDULER, SETTINGS
 
 log = logging.getLogger("sidecar.calls")
 
-_ADMIT = "SELECT admit($1, $2, $3::inet, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)::text"
-_ANSWER = "SELECT answer($1, $2, $3, $4)"
-_RELEASE = "SELECT release($1, $2, $3, $4)"
+_ADMIT_BATCH = (
+    "SELECT admit_batch($1, $2, $3::inet[], $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+)
+_EVENTS = "SELECT control_events($1, $2, $3, $4, $5, $6, $7)"
 _RECONCILE = "SELECT * FROM reconcile_node($1, $2, $3, $4, $5, $6, $7, $8)"
 _CONTROL_BODY_MAX = 256 << 10  # admit, answer, release: one call each
+_EVENTS_BODY_MAX = 4 << 20
 # A heartbeat lists every dialog of a node: 10,000 dialogs with Call-IDs of 2048 characters
 # are about 22 MB.
 _HEARTBEAT_BODY_MAX = 32 << 20
@@ -95,9 +99,33 @@ def wire_decision(decision: dict[str, Any], request: web.Request) -> dict[str, A
     return {"action": "reject", "code": 403, "reason": "Forbidden", "limit": False}
 
 
-async def admit(request: web.Request) -> web.Response:
-    check_source(request)
-    body = await read_body(request, "admit", _CONTROL_BODY_MAX)
+@dataclass(frozen=True)
+class AdmitRequest:
+    """One initial INVITE to decide, as admit_batch() takes it."""
+
+    call_id: str
+    from_tag: str
+    source: str
+    from_user: str | None
+    to_user: str
+    auth_user: str | None
+    node: str
+    boot: str | None
+    late: bool
+
+
+@dataclass(frozen=True)
+class Event:
+    """An answer or a release, as control_events() takes it."""
+
+    type: str  # "answer" | "release"
+    call_id: str
+    from_tag: str | None
+    leg: int | None = None
+    reason: str | None = None
+
+
+def admit_request(body: dict[str, Any]) -> AdmitRequest:
     try:
         source = str(ipaddress.ip_address(body["source_ip"].strip("[]")))
     except ValueError as exc:
@@ -107,26 +135,85 @@ async def admit(request: web.Request) -> web.Response:
             f"$.source_ip: {exc}",
             [{"path": "$.source_ip", "reason": str(exc)}],
         ) from exc
-    settings = request.app[SETTINGS]
-    metrics = request.app[METRICS]
-    late = bool(body.get("late"))
-    started = time.perf_counter()
-    raw = await request.app[POOL].fetchval(
-        _ADMIT,
-        body["call_id"],
-        body["from_tag"],
-        source,
-        body.get("from_user") or None,
-        body.get("to_user") or "",
-        body.get("auth_user") or None,
-        body["node"],
-        body.get("boot"),
-        settings.shadow,
-        settings.sip_realm,
-        timedelta(seconds=settings.ringing_ttl),
-        late,
-        timedelta(seconds=settings.max_call_duration),
+    return AdmitRequest(
+        call_id=body["call_id"],
+        from_tag=body["from_tag"],
+        source=source,
+        from_user=body.get("from_user") or None,
+        to_user=body.get("to_user") or "",
+        auth_user=body.get("auth_user") or None,
+        node=body["node"],
+        boot=body.get("boot"),
+        late=bool(body.get("late")),
     )
+
+
+def make_scheduler(app: web.Application) -> Scheduler:
+    """Group commit of the control requests: admissions and events (answers, releases) each
+    decided by batch in one transaction, events first (batching.py)."""
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    ring_ttl = timedelta(seconds=settings.ringing_ttl)
+    max_duration = timedelta(seconds=settings.max_call_duration)
+
+    async def run_admissions(items: list[AdmitRequest]) -> list[Any]:
+        raw = await app[POOL].fetchval(
+            _ADMIT_BATCH,
+            [i.call_id for i in items],
+            [i.from_tag for i in items],
+            [i.source for i in items],
+            [i.from_user for i in items],
+            [i.to_user for i in items],
+            [i.auth_user for i in items],
+            [i.node for i in items],
+            [i.boot for i in items],
+            [i.late for i in items],
+            settings.shadow,
+            settings.sip_realm,
+            ring_ttl,
+            max_duration,
+        )
+        return list(raw)
+
+    async def run_events(items: list[Event]) -> list[Any]:
+        out = await app[POOL].fetchval(
+            _EVENTS,
+            [e.type for e in items],
+            [e.call_id for e in items],
+            [e.from_tag for e in items],
+            [e.leg for e in items],
+            [e.reason for e in items],
+            max_duration,
+            ring_ttl,  # how long a release's tombstone lasts
+        )
+        return list(out)
+
+    def on_batch(queue: str, size: int, seconds: float) -> None:
+        metrics.batch_size.labels(queue).observe(size)
+
+    return Scheduler(run_events, run_admissions, settings.batch_max, on_batch)
+
+
+def deadline(request: web.Request) -> float:
+    """When Kamailio stops waiting for this admission (monotonic): X-Deadline-Ms, else the
+    configured default."""
+    ms = request.app[SETTINGS].admit_deadline_ms
+    raw = request.headers.get("X-Deadline-Ms")
+    if raw is not None and raw.isdigit():
+        ms = min(int(raw), 60_000)
+    return time.monotonic() + ms / 1000
+
+
+async def decide(request: web.Request, item: AdmitRequest, due: float | None) -> dict[str, Any]:
+    """Decide one INVITE through the group commit; returns Kamailio's answer."""
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    try:
+        raw = await request.app[SCHEDULER].admission(item, due)
+    except Overloaded:
+        metrics.shed.inc()
+        log.warning("admission shed", extra={"call_id": item.call_id, "node": item.node})
+        raise ApiError(503, "overloaded", "the admission could not be decided in time") from None
     metrics.decision_seconds.observe(time.perf_counter() - started)
     decision = orjson.loads(raw)
     out = wire_decision(decision, request)
@@ -143,49 +230,107 @@ async def admit(request: web.Request) -> web.Response:
     log.info(
         "decision",
         extra={
-            "call_id": body["call_id"],
-            "from_tag": body["from_tag"],
+            "call_id": item.call_id,
+            "from_tag": item.from_tag,
             "action": out["action"],
             "reason": reason,
             "counter": decision.get("counter"),
             "legs": len(decision.get("legs", ())),
-            "node": body["node"],
+            "node": item.node,
         },
     )
-    return respond(out)
+    return out
+
+
+async def admit(request: web.Request) -> web.Response:
+    check_source(request)
+    body = await read_body(request, "admit", _CONTROL_BODY_MAX)
+    item = admit_request(body)
+    # A late admission (the call is up already) is never shed: it has no one waiting.
+    return respond(await decide(request, item, None if item.late else deadline(request)))
+
+
+async def apply_event(request: web.Request, event: Event) -> int:
+    """Apply one answer or release through the group commit (ahead of admissions)."""
+    result = int(await request.app[SCHEDULER].event(event))
+    metrics = request.app[METRICS]
+    if event.type == "answer":
+        metrics.answers.inc()
+        log.info("answered", extra={"call_id": event.call_id, "leg": event.leg,
+                                    "changed": bool(result)})
+    else:
+        reason = event.reason or "unspecified"
+        metrics.releases.labels(reason if result else "unknown_call").inc()
+        log.info("released", extra={"call_id": event.call_id, "reason": reason,
+                                    "released": result})
+    return result
 
 
 async def answer(request: web.Request) -> web.Response:
     check_source(request)
     body = await read_body(request, "answer", _CONTROL_BODY_MAX)
-    settings = request.app[SETTINGS]
-    leg = body.get("leg")  # None: unknown, every slot is kept
-    changed = await request.app[POOL].fetchval(
-        _ANSWER,
-        body["call_id"],
-        body["from_tag"],
-        leg,
-        timedelta(seconds=settings.max_call_duration),
-    )
-    request.app[METRICS].answers.inc()
-    log.info("answered", extra={"call_id": body["call_id"], "leg": leg, "changed": changed})
+    # leg None: unknown, every slot is kept
+    await apply_event(request, Event("answer", body["call_id"], body["from_tag"], body.get("leg")))
     return respond({"ok": True})
 
 
 async def release(request: web.Request) -> web.Response:
     check_source(request)
     body = await read_body(request, "release", _CONTROL_BODY_MAX)
-    reason = body.get("reason") or "unspecified"
-    released = await request.app[POOL].fetchval(
-        _RELEASE,
-        body["call_id"],
-        body.get("from_tag"),
-        reason,
-        timedelta(seconds=request.app[SETTINGS].ringing_ttl),  # how long the tombstone lasts
+    released = await apply_event(
+        request,
+        Event("release", body["call_id"], body.get("from_tag"),
+              reason=body.get("reason") or "unspecified"),
     )
-    request.app[METRICS].releases.labels(reason if released else "unknown_call").inc()
-    log.info("released", extra={"call_id": body["call_id"], "reason": reason, "released": released})
     return respond({"ok": True, "released": bool(released)})
+
+
+async def events(request: web.Request) -> web.Response:
+    """A batch of answers, releases and late admissions from Kamailio's outbox, applied in
+    order. The batch is idempotent: a batch sent again after a timeout changes nothing."""
+    check_source(request)
+    body = await read_json(request, _EVENTS_BODY_MAX)
+    items = event_list(body)
+    results: list[Any] = []
+    for kind, item in items:
+        if kind == "admit":
+            results.append(await decide(request, item, None))
+        else:
+            results.append({"ok": True, "changed": bool(await apply_event(request, item))})
+    return respond({"ok": True, "results": results})
+
+
+def event_list(body: Any) -> list[tuple[str, Any]]:
+    """Check each event against the schema of its kind; the JSON path names the event."""
+    check("events", body)  # the envelope; each event below against its own kind's schema
+    out: list[tuple[str, Any]] = []
+    for i, raw in enumerate(body["events"]):
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if kind not in ("admit", "answer", "release"):
+            reason = 'type must be "admit", "answer" or "release"'
+            raise ApiError(400, "invalid_body", f"$.events[{i}]: {reason}",
+                           [{"path": f"$.events[{i}].type", "reason": reason}])
+        fields = {k: v for k, v in raw.items() if k != "type"}
+        try:
+            checked = check(kind, fields)
+        except ApiError as exc:
+            details = [{**d, "path": f"$.events[{i}]" + d["path"][1:]} for d in exc.details]
+            first = details[0]
+            raise ApiError(400, "invalid_body", f"{first['path']}: {first['reason']}",
+                           details) from None
+        if kind == "admit":
+            if not checked.get("late"):
+                reason = "only late admissions (late: true) come as events"
+                raise ApiError(400, "invalid_body", f"$.events[{i}].late: {reason}",
+                               [{"path": f"$.events[{i}].late", "reason": reason}])
+            out.append((kind, admit_request(checked)))
+        elif kind == "answer":
+            out.append((kind, Event("answer", checked["call_id"], checked["from_tag"],
+                                    checked.get("leg"))))
+        else:
+            out.append((kind, Event("release", checked["call_id"], checked.get("from_tag"),
+                                    reason=checked.get("reason") or "unspecified")))
+    return out
 
 
 @dataclass
@@ -267,17 +412,18 @@ async def heartbeat(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     listed = dialogs or Dialogs()
     started = time.perf_counter()
-    row = await request.app[POOL].fetchrow(
-        _RECONCILE,
-        body["node"],
-        body["boot"],
-        None if dialogs is None else listed.call_ids,  # NULL: no list, judge the boot id only
-        listed.from_tags,
-        listed.states,
-        timedelta(seconds=settings.reconcile_grace),
-        timedelta(seconds=settings.ringing_ttl),
-        timedelta(seconds=settings.max_call_duration),
-    )
+    async with db.counters_locked(request.app[POOL]) as conn:
+        row = await conn.fetchrow(
+            _RECONCILE,
+            body["node"],
+            body["boot"],
+            None if dialogs is None else listed.call_ids,  # NULL: no list, judge the boot id only
+            listed.from_tags,
+            listed.states,
+            timedelta(seconds=settings.reconcile_grace),
+            timedelta(seconds=settings.ringing_ttl),
+            timedelta(seconds=settings.max_call_duration),
+        )
     released, answered = row["released"], row["answered"]
     if released:
         request.app[METRICS].expired.labels("reconciled").inc(released)
@@ -300,3 +446,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/control/answer", answer)
     app.router.add_post("/v1/control/release", release)
     app.router.add_post("/v1/control/heartbeat", heartbeat)
+    app.router.add_post("/v1/control/events", events)

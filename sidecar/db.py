@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -24,6 +26,7 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         command_timeout=settings.db_timeout,
+        reset=_keep_session,
         server_settings={
             "application_name": "sidecar",
             "synchronous_commit": settings.db_synchronous_commit,
@@ -31,6 +34,31 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
     )
     assert pool is not None
     return pool
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a connection goes back to the pool with. asyncpg's default reset
+    (pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL) is one more round trip after
+    every request; the sidecar leaves no session state behind (its advisory locks are
+    transaction-level or released in `finally`, no cursors, no LISTEN, no SET outside a
+    transaction). An open transaction is still rolled back by asyncpg before this runs."""
+
+
+@contextlib.asynccontextmanager
+async def counters_locked(
+    pool: asyncpg.Pool | asyncpg.Connection,
+) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction holding the counters' advisory lock (sql/migrations/004_group_commit.sql):
+    what changes counters outside the control batches (janitor, reconciliation, force-release)
+    runs one at a time with the batches, so that no two of them can deadlock."""
+    if isinstance(pool, asyncpg.Pool):
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT sidecar_counters_lock()")
+            yield conn
+    else:
+        async with pool.transaction():
+            await pool.execute("SELECT sidecar_counters_lock()")
+            yield pool
 
 
 def migration_files() -> list[tuple[int, Path]]:

@@ -25,6 +25,19 @@ class Metrics:
             registry=r,
         )
         self.answers = Counter("sidecar_answers", "2xx reported by Kamailio", registry=r)
+        # queue: admissions | events (answers and releases). One observation per batch.
+        self.batch_size = Histogram(
+            "sidecar_batch_size",
+            "Control requests decided in one transaction (group commit)",
+            ["queue"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.shed = Counter(
+            "sidecar_shed_admissions",
+            "Admissions refused at once (503) because they could not be decided in time",
+            registry=r,
+        )
         self.releases = Counter("sidecar_releases", "Calls released", ["reason"], registry=r)
         self.expired = Counter(
             "sidecar_expired_calls",

@@ -405,6 +405,11 @@ def document() -> dict[str, Any]:
         "/v1/control/release": _control(
             "release", "Give back every slot of a call", {"type": "object"}
         ),
+        "/v1/control/events": _control(
+            "events",
+            "Answers, releases and late admissions in one batch, applied in order",
+            {"type": "object"},
+        ),
         "/v1/control/heartbeat": _control(
             "heartbeat", "A Kamailio node reports its boot id and dialogs", {"type": "object"}
         ),

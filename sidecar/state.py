@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 from aiohttp import web
 
+from .batching import Scheduler
 from .metrics import Metrics
 from .settings import Settings
 
@@ -15,3 +16,5 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 METRICS = web.AppKey("metrics", Metrics)
 # Set when the server is shutting down: /health turns 503 so balancers move away first.
 STOPPING = web.AppKey("stopping", asyncio.Event)
+# Group commit of the call-control requests (batching.py).
+SCHEDULER = web.AppKey("scheduler", Scheduler)

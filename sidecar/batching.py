@@ -1,0 +1,166 @@
+"""Group commit for the call-control API: requests that arrive while a batch is in flight
+are decided together, in arrival order, in one transaction and one commit.
+
+One batch runs at a time per sidecar (and, through the advisory lock the batch functions
+take, one at a time across replicas: sql/migrations/004_group_commit.sql). Answers and
+releases go first: while any wait, no admission batch starts, so overload delays admissions,
+never the calls' ends. An admission that has waited so long that its answer would come after
+Kamailio gave up (its deadline) is shed at once with `Overloaded` (a quick 503, Kamailio's
+failure policy applies) instead of being decided for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("sidecar.batching")
+
+Runner = Callable[[list[Any]], Awaitable[list[Any]]]
+
+
+class Overloaded(Exception):
+    """The request could not be decided before its deadline."""
+
+
+@dataclass
+class _Waiting:
+    item: Any
+    future: asyncio.Future[Any]
+    arrived: float
+    deadline: float | None  # monotonic time after which an answer is useless
+    taken: bool = False  # in a batch: decided (and maybe counted), never shed any more
+
+
+@dataclass
+class _Queue:
+    name: str
+    run: Runner
+    max_batch: int
+    waiting: deque[_Waiting] = field(default_factory=deque)
+
+
+class Scheduler:
+    """Two queues, one batch in flight: `events` (answers, releases) before `admissions`."""
+
+    def __init__(
+        self,
+        run_events: Runner,
+        run_admissions: Runner,
+        max_batch: int,
+        on_batch: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        self._events = _Queue("events", run_events, max_batch)
+        self._admissions = _Queue("admissions", run_admissions, max_batch)
+        self._running: asyncio.Task[None] | None = None
+        self._on_batch = on_batch
+        # How long a batch takes (moving average): an admission is shed when what it has
+        # waited plus this would pass its deadline.
+        self.batch_seconds = 0.0
+
+    async def event(self, item: Any) -> Any:
+        return await self._submit(self._events, item, None)
+
+    async def admission(self, item: Any, deadline: float | None) -> Any:
+        return await self._submit(self._admissions, item, deadline)
+
+    async def _submit(self, queue: _Queue, item: Any, deadline: float | None) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        waiting = _Waiting(item, future, time.monotonic(), deadline)
+        queue.waiting.append(waiting)
+        timer = None
+        if deadline is not None:
+            # Shed while still queued once a batch could no longer answer in time (a batch
+            # stuck on the database must not hold Kamailio's transactions past its timeout).
+            timer = loop.call_at(
+                loop.time() + max(0.0, deadline - time.monotonic() - self.batch_seconds),
+                self._shed, waiting,
+            )
+        self._kick()
+        try:
+            return await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    @staticmethod
+    def _shed(waiting: _Waiting) -> None:
+        if not waiting.taken:
+            _settle(waiting.future, exc=Overloaded())
+
+    def _kick(self) -> None:
+        if self._running is None and (self._events.waiting or self._admissions.waiting):
+            self._running = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        try:
+            while True:
+                queue = self._events if self._events.waiting else self._admissions
+                batch = self._take(queue)
+                if batch is None:
+                    if not self._events.waiting and not self._admissions.waiting:
+                        return
+                    continue
+                await self._run(queue, batch)
+        finally:
+            self._running = None
+            self._kick()  # something may have arrived while we were finishing
+
+    def _take(self, queue: _Queue) -> list[_Waiting] | None:
+        """Up to max_batch requests, in arrival order; admissions past their deadline are
+        shed on the way."""
+        now = time.monotonic()
+        batch: list[_Waiting] = []
+        while queue.waiting and len(batch) < queue.max_batch:
+            w = queue.waiting.popleft()
+            if w.future.done():  # the client went away
+                continue
+            if w.deadline is not None and now + self.batch_seconds > w.deadline:
+                w.future.set_exception(Overloaded())
+                continue
+            w.taken = True
+            batch.append(w)
+        return batch or None
+
+    async def _run(self, queue: _Queue, batch: list[_Waiting]) -> None:
+        started = time.monotonic()
+        try:
+            results = await queue.run([w.item for w in batch])
+        except Exception as exc:  # noqa: BLE001 - decided again one by one below
+            if len(batch) == 1:
+                _settle(batch[0].future, exc=exc)
+            else:
+                # One bad request must not fail its neighbours: each on its own.
+                log.warning("batch failed, deciding one by one",
+                            extra={"queue": queue.name, "size": len(batch), "error": repr(exc)})
+                for w in batch:
+                    try:
+                        [result] = await queue.run([w.item])
+                    except Exception as one_exc:  # noqa: BLE001 - reported to its caller
+                        _settle(w.future, exc=one_exc)
+                    else:
+                        _settle(w.future, result=result)
+        else:
+            for w, result in zip(batch, results, strict=True):
+                _settle(w.future, result=result)
+        took = time.monotonic() - started
+        self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * took
+        if self._on_batch is not None:
+            self._on_batch(queue.name, len(batch), took)
+
+
+def _settle(
+    future: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None
+) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -1,0 +1,161 @@
+"""Group commit: control requests that arrive together are decided in one transaction, in
+arrival order; answers and releases come as a batch of events; admissions that cannot be
+decided before Kamailio's deadline are shed at once. Against the real sidecar and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import Sidecar, counter_drift, running_sidecar
+
+OFFICE = {
+    "counting": "per_call",
+    "accounts": [{"id": "acme", "limits": {"calls": 10}}],
+    "extensions": [
+        {"id": "app", "account": "acme", "sources": ["127.0.0.2"]},
+        {"id": "1002", "account": "acme", "contact": "sip:1002@127.0.0.1:5099"},
+    ],
+}
+
+
+def admit_body(call_id: str, **extra: Any) -> dict[str, Any]:
+    return {"call_id": call_id, "from_tag": "ft", "source_ip": "127.0.0.2", "from_user": "app",
+            "to_user": "1002", "auth_user": None, "node": "n1", "boot": "b1", **extra}
+
+
+async def events(sc: Sidecar, items: list[dict[str, Any]]) -> tuple[int, Any]:
+    return await sc.request("POST", "/v1/control/events", {"events": items}, admin=False)
+
+
+async def active(sc: Sidecar) -> int:
+    return int((await sc.usage())["accounts"]["acme"]["calls"]["active"])
+
+
+async def metric(sc: Sidecar, name: str, **labels: str) -> float:
+    status, text = await sc.request("GET", "/metrics")
+    assert status == 200
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+async def test_concurrent_admissions_share_transactions_and_stay_exact(
+    database_url: str,
+) -> None:
+    async with running_sidecar(database_url) as sc:
+        await sc.put_config(OFFICE)
+        out = await asyncio.gather(*(
+            sc.request("POST", "/v1/control/admit", admit_body(f"g{i}"), admin=False)
+            for i in range(120)
+        ))
+        assert all(status == 200 for status, _ in out)
+        assert sum(body["action"] == "relay" for _, body in out) == 10
+        assert await active(sc) == 10
+        batches = await metric(sc, "sidecar_batch_size_count", queue="admissions")
+        decided = await metric(sc, "sidecar_batch_size_sum", queue="admissions")
+        assert decided == 120
+        assert batches < 120  # some requests shared a transaction
+        print(f"\ngroup commit: 120 admissions in {batches:.0f} transactions")
+    assert await counter_drift(database_url) == []
+
+
+async def test_events_apply_in_order(database_url: str) -> None:
+    async with running_sidecar(database_url) as sc:
+        await sc.put_config(OFFICE)
+        for cid in ("e1", "e2"):
+            await sc.admit(cid, to="1002", source="127.0.0.2", from_user="app")
+        assert await active(sc) == 2
+        status, body = await events(sc, [
+            {"type": "answer", "call_id": "e1", "from_tag": "ft", "leg": 0},
+            {"type": "release", "call_id": "e1", "from_tag": "ft", "reason": "bye"},
+            # a release before its answer: the answer then changes nothing
+            {"type": "release", "call_id": "e2", "from_tag": "ft", "reason": "bye"},
+            {"type": "answer", "call_id": "e2", "from_tag": "ft", "leg": 0},
+        ])
+        assert status == 200, body
+        assert [r["changed"] for r in body["results"]] == [True, True, True, False]
+        assert await active(sc) == 0
+        # the same batch again (a retry after a timeout): nothing changes
+        status, body = await events(sc, [
+            {"type": "release", "call_id": "e1", "from_tag": "ft", "reason": "bye"},
+        ])
+        assert status == 200 and body["results"] == [{"ok": True, "changed": False}]
+    assert await counter_drift(database_url) == []
+
+
+async def test_late_admission_as_an_event(database_url: str) -> None:
+    async with running_sidecar(database_url, ringing_ttl=1) as sc:
+        await sc.put_config(OFFICE)
+        status, body = await events(sc, [
+            {"type": "admit", **admit_body("late-1", late=True)},
+        ])
+        assert status == 200, body
+        assert body["results"][0]["action"] == "relay"
+        conn = await asyncpg.connect(database_url)
+        try:
+            assert await conn.fetchval(
+                "SELECT state FROM calls WHERE call_id = 'late-1'") == "answered"
+        finally:
+            await conn.close()
+
+
+async def test_a_bad_event_changes_nothing_and_is_named(database_url: str) -> None:
+    async with running_sidecar(database_url) as sc:
+        await sc.put_config(OFFICE)
+        await sc.admit("b1", to="1002", source="127.0.0.2", from_user="app")
+        status, body = await events(sc, [
+            {"type": "release", "call_id": "b1", "from_tag": "ft", "reason": "bye"},
+            {"type": "answer", "call_id": "b1", "from_tag": "ft", "leg": "zero"},
+        ])
+        assert status == 400
+        assert body["error"]["details"][0]["path"] == "$.events[1].leg"
+        assert await active(sc) == 1  # the valid release before it was not applied either
+        status, body = await events(sc, [{"type": "admit", **admit_body("b2")}])
+        assert status == 400 and body["error"]["details"][0]["path"] == "$.events[0].late"
+        status, body = await events(sc, [{"type": "hangup", "call_id": "b1"}])
+        assert status == 400 and "$.events[0]" in body["error"]["message"]
+
+
+async def test_admission_shed_when_it_cannot_be_decided_in_time(database_url: str) -> None:
+    """The database is stuck (the account row held by another transaction): the batch in
+    flight waits, the admissions queued behind it get a quick 503 at their deadline instead
+    of an answer after Kamailio gave up; answers and releases are never shed."""
+    async with running_sidecar(database_url) as sc:
+        await sc.put_config(OFFICE)
+        blocker = await asyncpg.connect(database_url)
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM accounts WHERE id = 'acme' FOR UPDATE")
+        try:
+            stuck = asyncio.create_task(sc.request(
+                "POST", "/v1/control/admit", admit_body("s0"), admin=False,
+                headers={"X-Deadline-Ms": "300"}))
+            await asyncio.sleep(0.1)  # s0 is in the batch in flight now
+            t0 = time.monotonic()
+            status, body = await sc.request(
+                "POST", "/v1/control/admit", admit_body("s1"), admin=False,
+                headers={"X-Deadline-Ms": "300"})
+            took = time.monotonic() - t0
+            assert status == 503 and body["error"]["code"] == "overloaded", body
+            assert took < 1.0, took
+        finally:
+            await tx.rollback()
+            await blocker.close()
+        status, body = await stuck
+        assert status == 200 and body["action"] == "relay"  # decided, not shed: it counts
+        assert await active(sc) == 1
+        assert await metric(sc, "sidecar_shed_admissions_total") == 1
+        conn = await asyncpg.connect(database_url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM calls WHERE call_id = 's1'") == 0
+        finally:
+            await conn.close()
+    assert await counter_drift(database_url) == []
