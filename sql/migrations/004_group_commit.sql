@@ -72,3 +72,50 @@ BEGIN
     END LOOP;
     RETURN v_out;
 END $$;
+
+-- A 2xx from p_leg: the slots of every other leg but leg 0 go back. Same as 003's answer(),
+-- with a fast path for the common case: when no other leg holds a slot (every call of one
+-- leg), nothing is locked, counted or deleted: the call is only marked answered.
+CREATE OR REPLACE FUNCTION answer(p_call_id text, p_from_tag text, p_leg integer,
+                                  p_max_duration interval)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_mode   text;
+    v_state  text;
+    v_keep   integer[];
+    v_drop   text[];
+BEGIN
+    SELECT state INTO v_state FROM calls
+    WHERE call_id = p_call_id AND from_tag = p_from_tag FOR UPDATE;
+    IF v_state IS DISTINCT FROM 'ringing' THEN
+        RETURN false;
+    END IF;
+    v_keep := ARRAY[0, p_leg];
+    IF p_leg IS NOT NULL
+       AND EXISTS (SELECT 1 FROM slots WHERE call_id = p_call_id AND from_tag = p_from_tag
+                   AND leg = p_leg)
+       AND EXISTS (SELECT 1 FROM slots WHERE call_id = p_call_id AND from_tag = p_from_tag
+                   AND NOT leg = ANY (v_keep)) THEN
+        -- Lock what the other legs hold (the same counters in either mode), then read the
+        -- mode: a change of mode (settings_recount() locks every counter) has then committed.
+        PERFORM lock_counters(ARRAY(
+            SELECT DISTINCT counter FROM slots
+            WHERE call_id = p_call_id AND from_tag = p_from_tag AND NOT leg = ANY (v_keep)));
+        SELECT counting INTO v_mode FROM settings;
+        IF v_mode = 'per_leg' THEN
+            SELECT coalesce(array_agg(counter), '{}') INTO v_drop FROM slots
+            WHERE call_id = p_call_id AND from_tag = p_from_tag AND NOT leg = ANY (v_keep);
+        ELSE
+            SELECT coalesce(array_agg(k), '{}') INTO v_drop
+            FROM unnest(held_keys(p_call_id, p_from_tag, v_mode)) k
+            WHERE NOT k = ANY (held_keys(p_call_id, p_from_tag, v_mode, v_keep));
+        END IF;
+        DELETE FROM slots WHERE call_id = p_call_id AND from_tag = p_from_tag
+            AND NOT leg = ANY (v_keep);
+        PERFORM apply_counters(v_drop, -1);
+    END IF;
+    UPDATE calls SET state = 'answered', answered_leg = p_leg, answered_at = now(),
+                     expires_at = now() + p_max_duration
+    WHERE call_id = p_call_id AND from_tag = p_from_tag;
+    RETURN true;
+END $$;
