@@ -40,8 +40,15 @@ run: deps
 stop:
 	scripts/stop.sh
 
+# The sidecar alone over HTTP (bench/bench_admission.py, ~1.5 min), then the SIP
+# side-by-side run, native dialog-profile Kamailio vs the project
+# (bench/bench_compare.py, ~3-5 min). Each starts and stops its own PostgreSQL,
+# sidecar and Kamailio on free ports. `make bench QUICK=1`: about a minute each.
 bench: deps
-	$(VENV)/bin/python bench/bench_admission.py
+	rc=0; \
+	$(VENV)/bin/python bench/bench_admission.py $(if $(QUICK),--quick) || rc=1; \
+	$(VENV)/bin/python bench/bench_compare.py $(if $(QUICK),--quick) || rc=1; \
+	exit $$rc
 
 # Only the runtime state (.run); stops what runs from it first.
 clean: stop

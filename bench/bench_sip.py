@@ -1,5 +1,11 @@
 """SIP benchmark: completed calls per second through the real Kamailio, 1, 16, 64 in flight.
 
+Superseded for the issue's figures by bench/bench_compare.py (`make bench`): open-loop rate
+steps, the native dialog-profile Kamailio side by side, a lean multi-process load generator
+(bench/loadgen.py) and CPU/commits per call. This closed-loop one stays for the refusal run
+(486 REACH_PLAN_LIMIT per second); its load generator (tests.sipua, one process) takes most
+of a core at a few hundred calls per second.
+
 Starts the stack exactly as tests/e2e does (its helpers are imported, not copied): PostgreSQL
 (DATABASE_URL's server, or a private cluster via tests.conftest.PrivateCluster), a fresh
 database with `sidecar migrate`, `sidecar serve` (tests.e2e.conftest.SidecarProc) and Kamailio
