@@ -23,6 +23,11 @@ log = logging.getLogger("sidecar.batching")
 
 Runner = Callable[[list[Any]], Awaitable[list[Any]]]
 
+# Seconds between a decision and Kamailio acting on it: the HTTP answer and the resumption
+# of the suspended transaction. An admission is shed unless it can be decided this long
+# before its deadline.
+_MARGIN = 0.03
+
 
 class Overloaded(Exception):
     """The request could not be decided before its deadline."""
@@ -72,14 +77,19 @@ class Scheduler:
     async def _submit(self, queue: _Queue, item: Any, deadline: float | None) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        waiting = _Waiting(item, future, time.monotonic(), deadline)
+        now = time.monotonic()
+        if deadline is not None and now + self._predicted_wait(queue) > deadline:
+            # The batches ahead of it would answer after Kamailio gave up: refuse it now,
+            # so the work goes to admissions that can still be answered in time.
+            raise Overloaded()
+        waiting = _Waiting(item, future, now, deadline)
         queue.waiting.append(waiting)
         timer = None
         if deadline is not None:
             # Shed while still queued once a batch could no longer answer in time (a batch
             # stuck on the database must not hold Kamailio's transactions past its timeout).
             timer = loop.call_at(
-                loop.time() + max(0.0, deadline - time.monotonic() - self.batch_seconds),
+                loop.time() + max(0.0, deadline - now - self.batch_seconds - _MARGIN),
                 self._shed, waiting,
             )
         self._kick()
@@ -88,6 +98,15 @@ class Scheduler:
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _predicted_wait(self, queue: _Queue) -> float:
+        """How long a request joining `queue` now would wait for its answer: the batch in
+        flight, the batches of the requests ahead of it, its own, and a margin for the HTTP
+        round trip and Kamailio's resumption."""
+        ahead = len(queue.waiting) // queue.max_batch + (1 if self._running else 0)
+        # Twice the estimate: batches grow slower as the queue grows, and an answer that
+        # comes late is work for nothing (and a call to reconcile).
+        return 2 * (ahead + 1) * self.batch_seconds + _MARGIN
 
     @staticmethod
     def _shed(waiting: _Waiting) -> None:
@@ -121,7 +140,7 @@ class Scheduler:
             w = queue.waiting.popleft()
             if w.future.done():  # the client went away
                 continue
-            if w.deadline is not None and now + self.batch_seconds > w.deadline:
+            if w.deadline is not None and now + self.batch_seconds + _MARGIN > w.deadline:
                 w.future.set_exception(Overloaded())
                 continue
             w.taken = True
