@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import fastjsonschema
 import jsonschema
 import orjson
 import referencing
@@ -61,7 +63,28 @@ def parse(raw: bytes | bytearray) -> Any:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
 
 
+# The call-control bodies, checked on every call: plain schemas (no $ref, no format) that
+# fastjsonschema compiles to Python, about 20 times faster than jsonschema. A body it
+# refuses goes through jsonschema too, which names every problem.
+FAST_SCHEMAS = frozenset({"admit", "answer", "release", "events"})
+
+
+@cache
+def fast_validator(name: str) -> Callable[[Any], Any] | None:
+    if name not in FAST_SCHEMAS:
+        return None
+    schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
+    return cast(Callable[[Any], Any], fastjsonschema.compile(schema))
+
+
 def check(name: str, document: Any) -> Any:
+    fast = fast_validator(name)
+    if fast is not None:
+        try:
+            fast(document)
+            return document
+        except fastjsonschema.JsonSchemaException:
+            pass  # jsonschema below says what is wrong, with every path
     found = problems(name, document)
     if found:
         first = found[0]
