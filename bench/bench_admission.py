@@ -52,12 +52,12 @@ from benchlib import (  # noqa: E402
     Db,
     Stack,
     box_cpu,
+    finish,
     fmt,
     install_sigterm,
     loadavg,
     quantile,
     say,
-    shield,
     wait_usage_zero,
 )
 
@@ -422,22 +422,8 @@ def main() -> int:
         stack.failed = True  # keep the logs
         raise
     finally:
-        shield()
-        if "interrupted" in problems:
-            say("interrupted: cleaning up")
-        if client is not None:
-            client.close()
-        if db is not None:
-            try:
-                db.close()
-            except Exception:  # noqa: BLE001
-                pass
-        if problems:
-            stack.failed = True
-        stack.close()
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    return 1 if problems else 0
+        code = finish(stack, problems, client, db)
+    return code
 
 
 if __name__ == "__main__":

@@ -67,11 +67,11 @@ from benchlib import (  # noqa: E402
     Stack,
     box_cpu,
     control_requests,
+    finish,
     fmt,
     install_sigterm,
     loadavg,
     say,
-    shield,
     udp_socket_drops,
     wait_usage_zero,
 )
@@ -399,22 +399,8 @@ def main() -> int:
         stack.failed = True  # keep the logs
         raise
     finally:
-        shield()
-        if "interrupted" in problems:
-            say("interrupted: cleaning up")
-        if lg is not None:
-            lg.close()
-        if db is not None:
-            try:
-                db.close()
-            except Exception:  # noqa: BLE001
-                pass
-        if problems:
-            stack.failed = True
-        stack.close()
-    for p in problems:
-        print(f"PROBLEM: {p}")
-    return 1 if problems else 0
+        code = finish(stack, problems, lg, db)
+    return code
 
 
 def quiet_wait(meter: CpuMeter, groups: list[str], limit: float = 15.0) -> None:

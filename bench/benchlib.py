@@ -527,3 +527,25 @@ def control_requests(base: str) -> dict[str, float] | None:
             key = route.rsplit("/", 1)[1]
             out[key] = out.get(key, 0.0) + float(value)
     return out
+
+
+def finish(stack: Any, problems: list[str], *closeables: Any) -> int:
+    """The end of a benchmark run, whatever happened: shield from a second Ctrl-C, close
+    what it opened (clients first, then the database connection), stop every process
+    (keeping their logs when something went wrong), print the problems, and the exit code."""
+    shield()
+    if "interrupted" in problems:
+        say("interrupted: cleaning up")
+    for c in closeables:
+        if c is None:
+            continue
+        try:
+            c.close()
+        except Exception:  # noqa: BLE001 - cleaning up: the next one must still close
+            pass
+    if problems:
+        stack.failed = True
+    stack.close()
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    return 1 if problems else 0
