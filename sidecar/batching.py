@@ -3,10 +3,11 @@ are decided together, in arrival order, in one transaction and one commit.
 
 One batch runs at a time per sidecar (and, through the advisory lock the batch functions
 take, one at a time across replicas: sql/migrations/004_group_commit.sql). Answers and
-releases go first: while any wait, no admission batch starts, so overload delays admissions,
-never the calls' ends. An admission that has waited so long that its answer would come after
-Kamailio gave up (its deadline) is shed at once with `Overloaded` (a quick 503, Kamailio's
-failure policy applies) instead of being decided for nobody.
+releases go first, and when both kinds wait the two take turns: an event never waits behind
+more than one admission batch, and a stream of events never starves admissions. An admission
+whose answer would come after Kamailio gave up (its deadline) is refused at once with
+`Overloaded` (a quick 503, Kamailio's failure policy applies) instead of being decided for
+nobody.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class _Queue:
 
 
 class Scheduler:
-    """Two queues, one batch in flight: `events` (answers, releases) before `admissions`."""
+    """Two queues, one batch in flight: `events` (answers, releases) first, then turns."""
 
     def __init__(
         self,
@@ -119,8 +120,10 @@ class Scheduler:
 
     async def _loop(self) -> None:
         try:
+            last: _Queue | None = None
             while True:
-                queue = self._events if self._events.waiting else self._admissions
+                queue = self._next(last)
+                last = queue
                 batch = self._take(queue)
                 if batch is None:
                     if not self._events.waiting and not self._admissions.waiting:
@@ -130,6 +133,16 @@ class Scheduler:
         finally:
             self._running = None
             self._kick()  # something may have arrived while we were finishing
+
+    def _next(self, last: _Queue | None) -> _Queue:
+        """Events first; when both queues wait, they take turns, so that a stream of answers
+        and releases (the outbox sends them by the dozen) never starves admissions, and an
+        event never waits behind more than one admission batch."""
+        if not self._events.waiting:
+            return self._admissions
+        if self._admissions.waiting and last is self._events:
+            return self._admissions
+        return self._events
 
     def _take(self, queue: _Queue) -> list[_Waiting] | None:
         """Up to max_batch requests, in arrival order; admissions past their deadline are

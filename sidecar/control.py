@@ -6,7 +6,6 @@ as 003_lifecycle.sql left it). See docs/control-api.md for the contract.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import logging
@@ -293,23 +292,15 @@ async def events(request: web.Request) -> web.Response:
     body = await read_json(request, _EVENTS_BODY_MAX)
     items = event_list(body)
     results: list[Any] = []
-    run: list[Event] = []  # consecutive answers and releases: queued together, one batch
-
-    async def flush() -> None:
-        # Submitted at once and in order, they share batches (and commits) and keep their order.
-        changed = await asyncio.gather(*(apply_event(request, e) for e in run))
-        results.extend({"ok": True, "changed": bool(c)} for c in changed)
-        run.clear()
-
+    # One at a time, in order. Queued together they would share a transaction, but each
+    # release of a batch updates the hot counter rows again within it, and that costs more
+    # than the commits it saves (measured through Kamailio: 1,286 of 8,000 calls failed at
+    # 1,000 CPS that way, none one at a time); events of concurrent POSTs still share batches.
     for kind, item in items:
         if kind == "admit":
-            # A late admission goes through the admission queue: what came before it is
-            # applied first, and what comes after waits for it.
-            await flush()
             results.append(await decide(request, item, None))
         else:
-            run.append(item)
-    await flush()
+            results.append({"ok": True, "changed": bool(await apply_event(request, item))})
     return respond({"ok": True, "results": results})
 
 

@@ -160,22 +160,3 @@ async def test_admission_shed_when_it_cannot_be_decided_in_time(database_url: st
             await conn.close()
     assert await counter_drift(database_url) == []
 
-
-async def test_a_post_of_events_shares_transactions(database_url: str) -> None:
-    """The outbox sends events by the dozen: they are decided together, not one commit each."""
-    async with running_sidecar(database_url) as sc:
-        await sc.put_config(OFFICE)
-        ids = [f"m{i}" for i in range(10)]
-        for cid in ids:
-            await sc.admit(cid, to="1002", source="127.0.0.2", from_user="app")
-        before = await metric(sc, "sidecar_batch_size_count", queue="events")
-        batch = [e for cid in ids for e in (
-            {"type": "answer", "call_id": cid, "from_tag": "ft", "leg": 0},
-            {"type": "release", "call_id": cid, "from_tag": "ft", "reason": "bye"},
-        )]
-        status, body = await events(sc, batch)
-        assert status == 200 and all(r["changed"] for r in body["results"]), body
-        transactions = await metric(sc, "sidecar_batch_size_count", queue="events") - before
-        assert transactions <= 3, transactions  # 20 events, batches of up to 16
-        assert await active(sc) == 0
-    assert await counter_drift(database_url) == []
