@@ -148,6 +148,12 @@ def admit_request(body: dict[str, Any]) -> AdmitRequest:
     )
 
 
+def columns(items: list[Any], names: tuple[str, ...]) -> list[list[Any]]:
+    """The requests of a batch as the parallel arrays the batch functions take, one per
+    field, in the order named."""
+    return [[getattr(item, name) for item in items] for name in names]
+
+
 def make_scheduler(app: web.Application) -> Scheduler:
     """Group commit of the control requests: admissions and events (answers, releases) each
     decided by batch in one transaction, events first (batching.py)."""
@@ -159,15 +165,8 @@ def make_scheduler(app: web.Application) -> Scheduler:
     async def run_admissions(items: list[AdmitRequest]) -> list[Any]:
         raw = await app[POOL].fetchval(
             _ADMIT_BATCH,
-            [i.call_id for i in items],
-            [i.from_tag for i in items],
-            [i.source for i in items],
-            [i.from_user for i in items],
-            [i.to_user for i in items],
-            [i.auth_user for i in items],
-            [i.node for i in items],
-            [i.boot for i in items],
-            [i.late for i in items],
+            *columns(items, ("call_id", "from_tag", "source", "from_user", "to_user",
+                             "auth_user", "node", "boot", "late")),
             settings.shadow,
             settings.sip_realm,
             ring_ttl,
@@ -178,11 +177,7 @@ def make_scheduler(app: web.Application) -> Scheduler:
     async def run_events(items: list[Event]) -> list[Any]:
         out = await app[POOL].fetchval(
             _EVENTS,
-            [e.type for e in items],
-            [e.call_id for e in items],
-            [e.from_tag for e in items],
-            [e.leg for e in items],
-            [e.reason for e in items],
+            *columns(items, ("type", "call_id", "from_tag", "leg", "reason")),
             max_duration,
             ring_ttl,  # how long a release's tombstone lasts
         )
