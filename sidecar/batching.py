@@ -72,6 +72,16 @@ class Scheduler:
     async def event(self, item: Any) -> Any:
         return await self._submit(self._events, item, None)
 
+    async def events(self, items: list[Any]) -> list[Any]:
+        """Several events queued together, in order (one POST of Kamailio's outbox): they
+        share batches instead of waiting for one batch each."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        waiting = [_Waiting(item, loop.create_future(), now, None) for item in items]
+        self._events.waiting.extend(waiting)
+        self._kick()
+        return list(await asyncio.gather(*(w.future for w in waiting)))
+
     async def admission(self, item: Any, deadline: float | None) -> Any:
         return await self._submit(self._admissions, item, deadline)
 

@@ -1,8 +1,10 @@
-"""The PostgreSQL pool, and the migrations in sql/migrations applied in order."""
+"""The PostgreSQL pool; the migrations in sql/migrations applied in order, then the function
+files in sql/functions (CREATE OR REPLACE, re-applied whenever their text changes)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -15,6 +17,10 @@ from .settings import Settings
 log = logging.getLogger("sidecar.db")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "sql" / "migrations"
+# Functions that change more often than tables: each file is idempotent (CREATE OR REPLACE)
+# and applied, in name order, after the migrations, whenever its text differs from what was
+# applied last (schema_functions, migration 005).
+FUNCTIONS = MIGRATIONS.parent / "functions"
 _NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
 # Serialises migrations between replicas starting at once.
 _LOCK_KEY = 0x51DECA7
@@ -92,8 +98,29 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                     "INSERT INTO schema_version (version, name) VALUES ($1, $2)", version, path.name
                 )
             applied.append(path.name)
+        applied += await _apply_functions(conn)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return applied
+
+
+async def _apply_functions(conn: asyncpg.Connection) -> list[str]:
+    done = {r["name"]: r["sha256"] for r in await conn.fetch(
+        "SELECT name, sha256 FROM schema_functions")}
+    applied = []
+    for path in sorted(FUNCTIONS.glob("*.sql")):
+        text = path.read_text()
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if done.get(path.name) == digest:
+            continue
+        log.info("applying functions", extra={"functions": path.name})
+        async with conn.transaction():
+            await conn.execute(text)
+            await conn.execute(
+                """INSERT INTO schema_functions (name, sha256) VALUES ($1, $2)
+                   ON CONFLICT (name) DO UPDATE SET sha256 = $2, applied_at = now()""",
+                path.name, digest)
+        applied.append(f"functions/{path.name}")
     return applied
 
 

@@ -427,15 +427,12 @@ async def seed_calls(conn: asyncpg.Connection, n: int, *, node: str = "big-node"
     answered, each holding one slot of acme."""
     await conn.execute("""
         INSERT INTO calls (call_id, from_tag, state, node, boot, decision, created_at,
-                           expires_at, answered_at)
+                           expires_at, answered_at, slot_legs, slot_keys)
         SELECT $2 || i, 'ft', CASE WHEN i % 10 = 0 THEN 'ringing' ELSE 'answered' END,
                $3, 'boot-1', '{"action": "relay"}', now() - interval '1 minute',
-               now() + interval '1 hour', CASE WHEN i % 10 = 0 THEN NULL ELSE now() END
+               now() + interval '1 hour', CASE WHEN i % 10 = 0 THEN NULL ELSE now() END,
+               '{0}', '{account:acme:calls}'
         FROM generate_series(1, $1::integer) i""", n, prefix, node)
-    await conn.execute("""
-        INSERT INTO slots (call_id, from_tag, leg, counter)
-        SELECT $2 || i, 'ft', 0, 'account:acme:calls' FROM generate_series(1, $1::integer) i""",
-        n, prefix)
     await conn.execute("SELECT rebuild_counters()")
 
 

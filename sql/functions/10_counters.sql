@@ -1,0 +1,128 @@
+-- Counters: the *_active columns of accounts and channels, a cache of the slots that live
+-- calls hold (calls.slot_legs / calls.slot_keys, seen through the `slots` view).
+--
+-- Applied by every `sidecar migrate` (CREATE OR REPLACE), after sql/migrations/.
+--
+-- Locking discipline. Every transaction that changes counters first takes one
+-- transaction-level advisory lock, sidecar_counters_lock() (004): admission batches, answer
+-- and release batches, the janitor, reconciliation, force-release and recounts run one at a
+-- time across every sidecar replica. The hot counters (a provider account, a trunk) impose
+-- that order anyway; in exchange nothing that changes counters can deadlock with anything
+-- else that does, and a batch can read a counter, decide many calls against it in memory and
+-- write it once. Counter rows are still locked in canonical order (accounts then channels,
+-- each by id) before they are written, so that an administrator's multi-row UPDATE of
+-- accounts cannot deadlock with a batch either.
+
+-- The account and all its ancestors, nearest first.
+-- (PL/pgSQL rather than SQL: its plans are cached per session; a SQL function that cannot
+-- be inlined is planned again at every call, which costs more than running it.)
+CREATE OR REPLACE FUNCTION account_chain(p_account text) RETURNS text[]
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (WITH RECURSIVE up(id, parent, depth) AS (
+        SELECT id, parent, 0 FROM accounts WHERE id = p_account
+        UNION ALL
+        SELECT a.id, a.parent, up.depth + 1
+        FROM accounts a JOIN up ON a.id = up.parent
+        WHERE up.depth < 1000
+    )
+    SELECT coalesce(array_agg(id::text ORDER BY depth), '{}') FROM up);
+END $$;
+
+-- Lock the counter rows behind these keys, accounts then channels, each in id order.
+-- FOR NO KEY UPDATE is the lock the UPDATE of a counter takes anyway: it excludes every
+-- other writer of the row, but not the foreign-key checks of rows that refer to the account.
+CREATE OR REPLACE FUNCTION lock_counters(p_keys text[]) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM accounts
+    WHERE id IN (SELECT split_part(k, ':', 2) FROM unnest(p_keys) k WHERE k LIKE 'account:%')
+    ORDER BY id FOR NO KEY UPDATE;
+    PERFORM 1 FROM channels
+    WHERE id IN (SELECT split_part(k, ':', 2) FROM unnest(p_keys) k WHERE k LIKE 'channel:%')
+    ORDER BY id FOR NO KEY UPDATE;
+END $$;
+
+-- Add p_sign for every occurrence of a key (a key listed twice moves twice): one UPDATE of
+-- accounts and one of channels for a whole batch, rows locked in canonical order first.
+CREATE OR REPLACE FUNCTION apply_counters(p_keys text[], p_sign integer)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(cardinality(p_keys), 0) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM lock_counters(p_keys);
+    UPDATE accounts a
+    SET calls_active = a.calls_active + p_sign * d.calls,
+        public_active = a.public_active + p_sign * d.public,
+        internal_active = a.internal_active + p_sign * d.internal
+    FROM (
+        SELECT split_part(k, ':', 2) AS id,
+               count(*) FILTER (WHERE split_part(k, ':', 3) = 'calls') AS calls,
+               count(*) FILTER (WHERE split_part(k, ':', 3) = 'public') AS public,
+               count(*) FILTER (WHERE split_part(k, ':', 3) = 'internal') AS internal
+        FROM unnest(p_keys) k WHERE k LIKE 'account:%' GROUP BY 1
+    ) d
+    WHERE a.id = d.id;
+    UPDATE channels c
+    SET calls_active = c.calls_active + p_sign * d.n
+    FROM (
+        SELECT split_part(k, ':', 2) AS id, count(*) AS n
+        FROM unnest(p_keys) k WHERE k LIKE 'channel:%' GROUP BY 1
+    ) d
+    WHERE c.id = d.id;
+END $$;
+
+-- What a call gives back when only the legs in p_keep stay (p_keep NULL: every slot goes):
+-- per_leg, every slot of the other legs; per_call, every counter the call holds that no kept
+-- leg holds. p_legs/p_keys are the call's slot arrays.
+CREATE OR REPLACE FUNCTION slots_given_back(p_legs integer[], p_keys text[], p_keep integer[],
+                                            p_mode text)
+RETURNS text[] LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_mode = 'per_leg' THEN
+        RETURN (SELECT coalesce(array_agg(k), '{}') FROM unnest(p_legs, p_keys) u(l, k)
+                WHERE p_keep IS NULL OR NOT l = ANY (p_keep));
+    END IF;
+    RETURN (SELECT coalesce(array_agg(DISTINCT k), '{}') FROM unnest(p_legs, p_keys) u(l, k)
+            WHERE p_keep IS NULL
+               OR NOT k = ANY (ARRAY(SELECT k2 FROM unnest(p_legs, p_keys) v(l2, k2)
+                                     WHERE l2 = ANY (p_keep))));
+END $$;
+
+-- How many slots a counter holds, from the call records.
+CREATE OR REPLACE FUNCTION slot_count(p_counter text, p_mode text) RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN p_mode = 'per_call'
+                THEN count(DISTINCT (call_id, from_tag))
+                ELSE count(*) END::integer
+    FROM slots WHERE counter = p_counter
+$$;
+
+-- Every counter as the call records say it should be.
+CREATE OR REPLACE FUNCTION expected_counters() RETURNS TABLE (counter text, active integer)
+LANGUAGE sql STABLE AS $$
+    SELECT counter,
+           CASE WHEN (SELECT counting FROM settings) = 'per_call'
+                THEN count(DISTINCT (call_id, from_tag)) ELSE count(*) END::integer
+    FROM slots GROUP BY counter
+$$;
+
+-- Set every counter from the call records. Returns how many counters changed.
+CREATE OR REPLACE FUNCTION rebuild_counters() RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_changed integer;
+BEGIN
+    PERFORM sidecar_counters_lock();
+    PERFORM 1 FROM accounts ORDER BY id FOR NO KEY UPDATE;
+    PERFORM 1 FROM channels ORDER BY id FOR NO KEY UPDATE;
+    SELECT count(*) INTO v_changed FROM counter_drift();
+    WITH e AS (SELECT * FROM expected_counters())
+    UPDATE accounts a SET
+        calls_active = coalesce((SELECT active FROM e WHERE counter = 'account:' || a.id || ':calls'), 0),
+        public_active = coalesce((SELECT active FROM e WHERE counter = 'account:' || a.id || ':public'), 0),
+        internal_active = coalesce((SELECT active FROM e WHERE counter = 'account:' || a.id || ':internal'), 0);
+    WITH e AS (SELECT * FROM expected_counters())
+    UPDATE channels c SET
+        calls_active = coalesce((SELECT active FROM e WHERE counter = 'channel:' || c.id || ':calls'), 0);
+    RETURN v_changed;
+END $$;

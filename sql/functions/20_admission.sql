@@ -1,0 +1,485 @@
+-- Admission: the counting rules, in the order the product documents them (docs/ and
+-- tests/model.py, the reference model the property test holds these functions to).
+--
+--   call_origin()   who is calling: an extension (digest, or source address) or a carrier
+--   call_legs()     the legs of the call: leg 0 to what was dialled, then the forward targets
+--   plan_leg()      one leg: its class, the counters it needs (leg_keys), its channels
+--   decide_leg()    whether a leg has room, and through which channel
+--   admit_batch()   a batch of INVITEs in arrival order: classify them all, lock and read
+--                   every counter they may need once, decide each call in memory, write each
+--                   call as one row, and move every counter of the batch in one UPDATE
+--
+-- Applied by every `sidecar migrate` (CREATE OR REPLACE), after sql/migrations/.
+
+-- A phone number: what alone may leave through a channel.
+CREATE OR REPLACE FUNCTION is_phone(p_user text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(p_user ~ '^\+?[0-9*#]{1,32}$', false)
+$$;
+
+-- Channels that may carry a call to p_number, in the order they are tried:
+-- longest matching prefix first, then lowest priority, then id.
+CREATE OR REPLACE FUNCTION channel_candidates(p_number text) RETURNS text[]
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT coalesce(array_agg(id ORDER BY best DESC, priority, id), '{}')
+    FROM (
+        SELECT c.id::text AS id, c.priority, max(length(p)) AS best
+        FROM channels c, unnest(c.prefixes) AS p
+        WHERE c.gateway IS NOT NULL AND left(p_number, length(p)) = p
+        GROUP BY c.id, c.priority
+    ) m);
+END $$;
+
+-- The local extension a user part names: an extension id, or a number routed to one.
+CREATE OR REPLACE FUNCTION local_extension(p_user text) RETURNS extensions
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_ext extensions%ROWTYPE;
+BEGIN
+    SELECT * INTO v_ext FROM extensions WHERE id = p_user;
+    IF NOT FOUND THEN
+        SELECT e.* INTO v_ext FROM numbers n JOIN extensions e ON e.id = n.extension
+        WHERE n.number = p_user;
+    END IF;
+    RETURN v_ext;
+END $$;
+
+-- Who is calling. A digest-authenticated extension; else, by source address, the extension
+-- named in From, a carrier's channel, any extension; else a challenge when From names an
+-- extension with a password, a refusal otherwise (verdict set, nothing else).
+CREATE OR REPLACE FUNCTION call_origin(p_source inet, p_from_user text, p_auth_user text,
+                                       OUT ext text, OUT account text, OUT chan text,
+                                       OUT verdict jsonb)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF p_auth_user IS NOT NULL THEN
+        SELECT e.id, e.account INTO ext, account FROM extensions e
+        WHERE e.id = p_auth_user AND e.ha1 IS NOT NULL;
+        IF NOT FOUND THEN
+            verdict := '{"action": "reject", "why": "forbidden"}';
+        END IF;
+        RETURN;
+    END IF;
+    SELECT e.id, e.account INTO ext, account FROM extensions e
+    WHERE cardinality(e.sources) > 0 AND p_source <<= ANY (e.sources) AND e.id = p_from_user;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    SELECT c.id INTO chan FROM channels c
+    WHERE p_source <<= ANY (c.sources) ORDER BY c.priority, c.id LIMIT 1;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    SELECT e.id, e.account INTO ext, account FROM extensions e
+    WHERE cardinality(e.sources) > 0 AND p_source <<= ANY (e.sources) ORDER BY e.id LIMIT 1;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    verdict := CASE WHEN EXISTS (SELECT 1 FROM extensions
+                                 WHERE id = p_from_user AND ha1 IS NOT NULL)
+                    THEN '{"action": "challenge"}'
+                    ELSE '{"action": "reject", "why": "forbidden"}' END;
+END $$;
+
+-- The account counters a leg needs: for each end that is an extension (its account chain
+-- given, nearest first), origin side first, every account of its chain, 'calls' then the
+-- leg's class; each key once.
+CREATE OR REPLACE FUNCTION leg_keys(p_from_chain text[], p_to_chain text[], p_class text)
+RETURNS text[] LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_keys text[] := '{}';
+    v_acc  text;
+    v_key  text;
+BEGIN
+    FOREACH v_acc IN ARRAY coalesce(p_from_chain, '{}') || coalesce(p_to_chain, '{}') LOOP
+        FOREACH v_key IN ARRAY ARRAY['account:' || v_acc || ':calls',
+                                     'account:' || v_acc || ':' || p_class] LOOP
+            IF NOT v_key = ANY (v_keys) THEN
+                v_keys := v_keys || v_key;
+            END IF;
+        END LOOP;
+    END LOOP;
+    RETURN v_keys;
+END $$;
+
+-- One leg, from an extension (its account chain p_from_chain; or a carrier, p_in_chan) to an
+-- extension or an external number. NULL when it is no leg: an external end that no channel
+-- can carry (an unroutable forward target) holds nothing and does not ring.
+CREATE OR REPLACE FUNCTION plan_leg(p_leg integer, p_from_chain text[], p_in_chan text,
+                                    p_to extensions, p_number text, p_rings boolean,
+                                    p_origin_accounts text[])
+RETURNS planned_leg LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_class text := CASE WHEN p_from_chain IS NOT NULL AND p_to.id IS NOT NULL
+                         THEN 'internal' ELSE 'public' END;
+    v_chans text[];
+BEGIN
+    IF p_in_chan IS NOT NULL THEN
+        v_chans := ARRAY[p_in_chan];
+    ELSIF p_to.id IS NULL AND is_phone(p_number) THEN
+        v_chans := channel_candidates(p_number);
+    ELSE
+        v_chans := '{}';
+    END IF;
+    IF p_to.id IS NULL AND cardinality(v_chans) = 0 THEN
+        RETURN NULL;
+    END IF;
+    RETURN ROW(NULL, p_leg, p_to.id, CASE WHEN p_to.id IS NULL THEN p_number END, v_class,
+               leg_keys(p_from_chain,
+                        CASE WHEN p_to.id IS NOT NULL THEN account_chain(p_to.account) END,
+                        v_class),
+               v_chans, p_rings, p_to.contact, p_origin_accounts)::planned_leg;
+END $$;
+
+-- The legs of a call, in order: leg 0 from the origin to what was dialled; then, when the
+-- destination forwards, one leg per forward target and ring_self last (leg 0 then rings
+-- nothing: it only carries the caller's counters). NULL: nothing can be reached (an unknown
+-- destination, or a number no channel carries, or a carrier dialling out).
+CREATE OR REPLACE FUNCTION call_legs(p_from_ext text, p_from_account text, p_in_chan text,
+                                     p_to_user text)
+RETURNS planned_leg[] LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_dest     extensions := local_extension(p_to_user);
+    -- the caller's account chain (NULL for a carrier)
+    v_accounts text[] := CASE WHEN p_from_ext IS NOT NULL THEN account_chain(p_from_account) END;
+    v_dest_chain text[];
+    v_forwards boolean;
+    v_legs     planned_leg[];
+    v_leg      planned_leg;
+    v_target   text;
+    v_n        integer := 0;
+BEGIN
+    IF v_dest.id IS NULL AND (p_in_chan IS NOT NULL OR NOT is_phone(p_to_user)) THEN
+        RETURN NULL;
+    END IF;
+    v_leg := plan_leg(0, v_accounts, p_in_chan, v_dest, p_to_user, true,
+                      coalesce(v_accounts, '{}'));
+    IF v_leg.leg IS NULL THEN   -- an external number no channel carries
+        RETURN NULL;
+    END IF;
+    v_forwards := v_dest.id IS NOT NULL
+                  AND (cardinality(v_dest.forward) > 0 OR v_dest.ring_self);
+    v_leg.rings := NOT v_forwards;
+    v_legs := ARRAY[v_leg];
+    IF v_forwards THEN
+        v_dest_chain := account_chain(v_dest.account);
+        FOREACH v_target IN ARRAY v_dest.forward LOOP
+            v_n := v_n + 1;
+            v_leg := plan_leg(v_n, v_dest_chain, NULL, local_extension(v_target), v_target,
+                              true, v_accounts);
+            IF v_leg.leg IS NOT NULL THEN   -- (a row IS NOT NULL only when no field is)
+                v_legs := v_legs || v_leg;
+            END IF;
+        END LOOP;
+        IF v_dest.ring_self THEN
+            v_legs := v_legs || plan_leg(v_n + 1, v_dest_chain, NULL, v_dest, NULL, true,
+                                         v_accounts);
+        END IF;
+    END IF;
+    RETURN v_legs;
+END $$;
+
+-- Whether a leg has room: the first of its account counters that is full, else the first of
+-- its channels with room. A counter has room when one more slot stays within its limit (a
+-- NULL limit has no entry in p_room: always room); per_call, a counter the call already
+-- holds needs no more room. full_at: the counter that refuses the leg (a full channel is named
+-- by the first channel tried), or NULL; chan: the channel the leg uses, or NULL.
+CREATE OR REPLACE FUNCTION decide_leg(p_leg planned_leg, p_mode text, p_room jsonb,
+                                      p_held text[], OUT full_at text, OUT chan text)
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_key text;
+    v_ch  text;
+BEGIN
+    FOREACH v_key IN ARRAY p_leg.keys LOOP
+        IF (p_mode = 'per_leg' OR NOT v_key = ANY (p_held))
+           AND (p_room ->> v_key)::integer < 1 THEN
+            full_at := v_key;
+            RETURN;
+        END IF;
+    END LOOP;
+    FOREACH v_ch IN ARRAY p_leg.chans LOOP
+        v_key := 'channel:' || v_ch || ':calls';
+        IF (p_mode = 'per_call' AND v_key = ANY (p_held))
+           OR coalesce((p_room ->> v_key)::integer, 1) >= 1 THEN
+            chan := v_ch;
+            RETURN;
+        END IF;
+    END LOOP;
+    IF cardinality(p_leg.chans) > 0 THEN
+        full_at := 'channel:' || p_leg.chans[1] || ':calls';
+    END IF;
+END $$;
+
+-- Lock the counter rows behind p_keys (canonical order) and read the room each has left:
+-- {key: limit - active} for every counter with a limit, and the channels' gateways.
+CREATE OR REPLACE FUNCTION counters_room(p_keys text[], OUT room jsonb, OUT gateways jsonb)
+LANGUAGE plpgsql AS $$
+BEGIN
+    WITH acc AS (
+        SELECT id, calls_limit - calls_active AS c, public_limit - public_active AS p,
+               internal_limit - internal_active AS n
+        FROM accounts
+        WHERE id IN (SELECT split_part(k, ':', 2) FROM unnest(p_keys) k WHERE k LIKE 'account:%')
+        ORDER BY id FOR NO KEY UPDATE
+    ), chan AS (
+        SELECT id, calls_limit - calls_active AS c, gateway
+        FROM channels
+        WHERE id IN (SELECT split_part(k, ':', 2) FROM unnest(p_keys) k WHERE k LIKE 'channel:%')
+        ORDER BY id FOR NO KEY UPDATE
+    )
+    SELECT (SELECT coalesce(jsonb_object_agg(k, r) FILTER (WHERE r IS NOT NULL), '{}') FROM (
+                SELECT 'account:' || id || ':calls' AS k, c AS r FROM acc
+                UNION ALL SELECT 'account:' || id || ':public', p FROM acc
+                UNION ALL SELECT 'account:' || id || ':internal', n FROM acc
+                UNION ALL SELECT 'channel:' || id || ':calls', c FROM chan) s),
+           (SELECT coalesce(jsonb_object_agg(id, gateway), '{}') FROM chan)
+    INTO room, gateways;
+END $$;
+
+-- Decide several initial INVITEs in arrival order; returns the decisions in the same order,
+-- as jsonb text:
+--   {"action": "relay", "legs": [{"leg", "uri", "lookup", "class", "to", "channel"}, ...]}
+--   {"action": "reject", "limit": true, "why": "limit_origin"|"limit_destination",
+--    "counter": key, "leg": n}                            (recorded: retransmissions agree)
+--   {"action": "reject", "why": "not_found"}   (unknown destination: nothing recorded; or
+--                                               no forward target can be reached: recorded)
+--   {"action": "reject", "why": "forbidden"}   (nothing recorded)
+--   {"action": "reject", "why": "released"}    (released before: see known_call)
+--   {"action": "challenge"}                    (nothing recorded)
+-- A call already decided returns its first decision with "repeat": true.
+-- p_force (shadow mode) admits every leg whatever the limits and reports what would have
+-- been refused under "shadow". p_lates[i] (fail-open catch-up, sent only for an answered
+-- call) forces too, and records the call answered: it expires after p_max_duration, never
+-- after the ringing TTL.
+--
+-- The batch is decided in two passes. First every call is classified (known already? who
+-- calls? which legs?), and every counter any of them may need is locked and read at once.
+-- Then each call is decided against those counters in memory, in arrival order (earlier
+-- calls use room first), and written as one row; the counters move once, at the end. A call
+-- asked twice in one batch (a retransmission) is decided when its turn comes, after what
+-- came before it is written, as a batch of its own.
+CREATE OR REPLACE FUNCTION admit_batch(
+    p_call_ids   text[],
+    p_from_tags  text[],
+    p_sources    inet[],
+    p_from_users text[],
+    p_to_users   text[],
+    p_auth_users text[],
+    p_nodes      text[],
+    p_boots      text[],
+    p_lates      boolean[],
+    p_force      boolean,
+    p_domain     text,
+    p_ring_ttl   interval,
+    p_max_duration interval
+) RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_count    integer := coalesce(cardinality(p_call_ids), 0);
+    v_out      jsonb[] := '{}';
+    v_origins  text[] := '{}';
+    v_again    boolean[] := '{}';   -- asked twice in this batch: decided in its turn
+    v_seen     jsonb := '{}';
+    v_plans    planned_leg[] := '{}';
+    v_keys     text[] := '{}';
+    v_mode     text;
+    v_room     jsonb;
+    v_gateways jsonb;
+    v_acquired text[] := '{}';     -- every slot the batch takes (counter increments)
+    v_origin   record;
+    v_legs     planned_leg[];
+    v_leg      planned_leg;
+    v_key      text;
+    v_next     integer := 1;       -- next leg of v_plans to decide
+    -- one call's decision
+    v_force    boolean;
+    v_call_room jsonb;
+    v_held     text[];
+    v_need     text[];
+    v_take     text[];
+    v_slot_leg integer[];
+    v_slot_key text[];
+    v_rung     jsonb;
+    v_refusal  jsonb;
+    v_shadow   jsonb;
+    v_decision jsonb;
+    v_verdict  record;
+    v_uri      text;
+BEGIN
+    PERFORM sidecar_counters_lock();
+
+    -- 1. Classify.
+    FOR i IN 1 .. v_count LOOP
+        v_out := v_out || NULL::jsonb;
+        v_origins := v_origins || NULL::text;
+        v_key := jsonb_build_array(p_call_ids[i], p_from_tags[i])::text;
+        v_again := v_again || (v_seen ? v_key);
+        CONTINUE WHEN v_again[i];
+        v_seen := v_seen || jsonb_build_object(v_key, i);
+        v_out[i] := known_call(p_call_ids[i], p_from_tags[i], p_lates[i], p_max_duration);
+        CONTINUE WHEN v_out[i] IS NOT NULL;
+        SELECT * INTO v_origin FROM call_origin(p_sources[i], p_from_users[i], p_auth_users[i]);
+        v_out[i] := v_origin.verdict;
+        CONTINUE WHEN v_out[i] IS NOT NULL;
+        v_origins[i] := coalesce('extension:' || v_origin.ext, 'channel:' || v_origin.chan);
+        v_legs := call_legs(v_origin.ext, v_origin.account, v_origin.chan, p_to_users[i]);
+        IF v_legs IS NULL THEN
+            v_out[i] := '{"action": "reject", "why": "not_found"}';
+            CONTINUE;
+        END IF;
+        FOREACH v_leg IN ARRAY v_legs LOOP
+            v_leg.call_no := i;
+            v_plans := v_plans || v_leg;
+            v_keys := v_keys || v_leg.keys
+                      || ARRAY(SELECT 'channel:' || c || ':calls' FROM unnest(v_leg.chans) c);
+        END LOOP;
+    END LOOP;
+
+    -- 2. Lock and read every counter the batch may need; then the counting mode (read after
+    --    the locks: a change of mode recounts under the same advisory lock).
+    SELECT * INTO v_room, v_gateways FROM counters_room(v_keys);
+    SELECT counting INTO v_mode FROM settings;
+
+    -- 3. Decide each call in arrival order.
+    FOR i IN 1 .. v_count LOOP
+        IF v_again[i] THEN
+            -- Write what came before, then decide it alone (it sees its twin), then read the
+            -- counters again for the calls after it.
+            PERFORM apply_counters(v_acquired, 1);
+            v_acquired := '{}';
+            v_out[i] := (admit_batch(p_call_ids[i:i], p_from_tags[i:i], p_sources[i:i],
+                                     p_from_users[i:i], p_to_users[i:i], p_auth_users[i:i],
+                                     p_nodes[i:i], p_boots[i:i], p_lates[i:i], p_force,
+                                     p_domain, p_ring_ttl, p_max_duration))[1]::jsonb;
+            SELECT * INTO v_room, v_gateways FROM counters_room(v_keys);
+            CONTINUE;
+        END IF;
+        CONTINUE WHEN v_out[i] IS NOT NULL;
+
+        -- A late admission is counted whatever the limits: the call is already up.
+        v_force := p_force OR p_lates[i];
+        v_call_room := v_room;
+        v_held := '{}';
+        v_take := '{}';
+        v_slot_leg := '{}';
+        v_slot_key := '{}';
+        v_rung := '[]';
+        v_refusal := NULL;
+        v_shadow := NULL;
+        WHILE v_next <= cardinality(v_plans) AND (v_plans[v_next]).call_no = i LOOP
+            v_leg := v_plans[v_next];
+            v_next := v_next + 1;
+            SELECT * INTO v_verdict FROM decide_leg(v_leg, v_mode, v_call_room, v_held);
+            IF v_verdict.full_at IS NOT NULL THEN
+                v_refusal := coalesce(v_refusal, jsonb_build_object(
+                    'why', CASE WHEN v_leg.leg = 0 AND v_verdict.full_at LIKE 'account:%'
+                                     AND split_part(v_verdict.full_at, ':', 2)
+                                         = ANY (v_leg.origin_accounts)
+                                THEN 'limit_origin' ELSE 'limit_destination' END,
+                    'counter', v_verdict.full_at, 'leg', v_leg.leg));
+                IF NOT v_force THEN
+                    -- Leg 0 refused: the call is refused. A forward leg: it does not ring.
+                    EXIT WHEN v_leg.leg = 0;
+                    CONTINUE;
+                END IF;
+                v_shadow := coalesce(v_shadow, '[]')
+                            || jsonb_build_object('leg', v_leg.leg, 'counter', v_verdict.full_at);
+                v_verdict.chan := coalesce(v_verdict.chan, v_leg.chans[1]);
+            END IF;
+
+            -- The leg is admitted: the slots it holds, and the room it uses.
+            v_need := v_leg.keys || CASE WHEN v_verdict.chan IS NOT NULL
+                                         THEN ARRAY['channel:' || v_verdict.chan || ':calls']
+                                         ELSE '{}'::text[] END;
+            FOREACH v_key IN ARRAY v_need LOOP
+                CONTINUE WHEN v_mode = 'per_call' AND v_key = ANY (v_held);
+                v_held := v_held || v_key;
+                v_take := v_take || v_key;
+                IF v_call_room ? v_key THEN
+                    v_call_room := jsonb_set(v_call_room, ARRAY[v_key],
+                                             to_jsonb((v_call_room ->> v_key)::integer - 1));
+                END IF;
+            END LOOP;
+            v_slot_leg := v_slot_leg || array_fill(v_leg.leg, ARRAY[cardinality(v_need)]);
+            v_slot_key := v_slot_key || v_need;
+
+            -- Where it rings.
+            IF v_leg.rings THEN
+                IF v_leg.to_ext IS NOT NULL THEN
+                    v_uri := coalesce(v_leg.contact, 'sip:' || v_leg.to_ext || '@' || p_domain);
+                ELSE
+                    v_uri := regexp_replace(v_gateways ->> v_verdict.chan,
+                                            '^(sips?:)([^@]*@)?', '\1' || v_leg.number || '@');
+                END IF;
+                v_rung := v_rung || jsonb_build_object(
+                    'leg', v_leg.leg, 'uri', v_uri,
+                    'lookup', v_leg.to_ext IS NOT NULL AND v_leg.contact IS NULL,
+                    'class', v_leg.class,
+                    'to', coalesce('extension:' || v_leg.to_ext, 'number:' || v_leg.number),
+                    'channel', v_verdict.chan);
+            END IF;
+        END LOOP;
+        -- (Legs left undecided after a refused leg 0.)
+        WHILE v_next <= cardinality(v_plans) AND (v_plans[v_next]).call_no = i LOOP
+            v_next := v_next + 1;
+        END LOOP;
+
+        -- 4. Write the call. Refused when leg 0 is, or when nothing rings: for the first
+        --    limit that refused a leg, else because no forward target can be reached. A
+        --    refused call holds nothing.
+        IF jsonb_array_length(v_rung) = 0 THEN
+            v_decision := CASE WHEN v_refusal IS NULL
+                               THEN '{"action": "reject", "why": "not_found"}'
+                               ELSE '{"action": "reject", "limit": true}' || v_refusal END;
+            INSERT INTO calls (call_id, from_tag, state, origin, destination, node, boot, late,
+                               decision, expires_at)
+            VALUES (p_call_ids[i], p_from_tags[i], 'refused', v_origins[i], p_to_users[i],
+                    p_nodes[i], p_boots[i], p_lates[i], v_decision, now() + p_ring_ttl);
+        ELSE
+            v_decision := jsonb_build_object('action', 'relay', 'legs', v_rung);
+            IF v_shadow IS NOT NULL THEN
+                v_decision := v_decision || jsonb_build_object('shadow', v_shadow);
+            END IF;
+            -- A late admission is of a call already answered (on an unknown leg: every slot
+            -- stays).
+            INSERT INTO calls (call_id, from_tag, state, origin, destination, node, boot, late,
+                               decision, answered_at, expires_at, slot_legs, slot_keys)
+            VALUES (p_call_ids[i], p_from_tags[i],
+                    CASE WHEN p_lates[i] THEN 'answered' ELSE 'ringing' END,
+                    v_origins[i], p_to_users[i], p_nodes[i], p_boots[i], p_lates[i],
+                    v_decision, CASE WHEN p_lates[i] THEN now() END,
+                    now() + CASE WHEN p_lates[i] THEN p_max_duration ELSE p_ring_ttl END,
+                    v_slot_leg, v_slot_key);
+            v_room := v_call_room;
+            v_acquired := v_acquired || v_take;
+        END IF;
+        v_out[i] := v_decision;
+    END LOOP;
+
+    -- 5. The counters, once for the batch.
+    PERFORM apply_counters(v_acquired, 1);
+    RETURN v_out::text[];
+END $$;
+
+-- One INVITE: a batch of one.
+CREATE OR REPLACE FUNCTION admit(
+    p_call_id   text,
+    p_from_tag  text,
+    p_source    inet,
+    p_from_user text,
+    p_to_user   text,
+    p_auth_user text,
+    p_node      text,
+    p_boot      text,
+    p_force     boolean,
+    p_domain    text,
+    p_ring_ttl  interval,
+    p_late      boolean DEFAULT false,
+    p_max_duration interval DEFAULT interval '4 hours'
+) RETURNS jsonb LANGUAGE sql AS $$
+    SELECT (admit_batch(ARRAY[p_call_id], ARRAY[p_from_tag], ARRAY[p_source],
+                        ARRAY[p_from_user], ARRAY[p_to_user], ARRAY[p_auth_user],
+                        ARRAY[p_node], ARRAY[p_boot], ARRAY[p_late], p_force, p_domain,
+                        p_ring_ttl, p_max_duration))[1]::jsonb
+$$;

@@ -1,0 +1,197 @@
+-- Answers and releases: what Kamailio's dialog module reports of a call's life.
+--
+--   answer_call()     a 2xx from a leg: the call is answered; the other ringing legs' slots
+--                     go back (leg 0's stay: it carries the caller's counters)
+--   release_call()    the call's end: every slot back, and a tombstone that refuses a late
+--                     admission of the same call
+--   control_events()  a batch of both in arrival order, the counters moved once
+--   answer(), release(), release_locked(): the same, one call (or a list of calls) at a time,
+--                     for the janitor, reconciliation, force-release and SQL users
+--
+-- answer_call() and release_call() change only the call's row and return the counter keys
+-- to give back (NULL when the call did not change); the caller holds the counters' advisory
+-- lock and gives them back with apply_counters(keys, -1).
+--
+-- Applied by every `sidecar migrate` (CREATE OR REPLACE), after sql/migrations/.
+
+-- The decision a tombstone answers to an admission.
+CREATE OR REPLACE FUNCTION released_decision() RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+    SELECT '{"action": "reject", "why": "released"}'::jsonb
+$$;
+
+-- A 2xx came from p_leg. An unknown leg (NULL, or a leg the call did not admit) keeps every
+-- slot: never give back what may still be in use. Either way the call is answered: it
+-- expires after p_max_duration. NULL for an unknown, refused, released or already answered
+-- call (idempotent). One statement for a call of one leg, the common case.
+CREATE OR REPLACE FUNCTION answer_call(p_call_id text, p_from_tag text, p_leg integer,
+                                       p_max_duration interval, p_mode text)
+RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_legs integer[];
+    v_keys text[];
+    v_keep integer[] := ARRAY[0, p_leg];
+BEGIN
+    UPDATE calls SET state = 'answered', answered_leg = p_leg, answered_at = now(),
+                     expires_at = now() + p_max_duration
+    WHERE call_id = p_call_id AND from_tag = p_from_tag AND state = 'ringing'
+    RETURNING slot_legs, slot_keys INTO v_legs, v_keys;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF p_leg IS NULL OR NOT p_leg = ANY (v_legs) OR v_legs <@ v_keep THEN
+        RETURN '{}';
+    END IF;
+    UPDATE calls SET
+        slot_legs = ARRAY(SELECT l FROM unnest(v_legs) WITH ORDINALITY u(l, o)
+                          WHERE l = ANY (v_keep) ORDER BY o),
+        slot_keys = ARRAY(SELECT k FROM unnest(v_legs, v_keys) WITH ORDINALITY u(l, k, o)
+                          WHERE l = ANY (v_keep) ORDER BY o)
+    WHERE call_id = p_call_id AND from_tag = p_from_tag;
+    RETURN slots_given_back(v_legs, v_keys, v_keep, p_mode);
+END $$;
+
+-- The end of a call. NULL when nothing was released:
+--   the call is not recorded (yet): a tombstone alone, so that an admission arriving later
+--     is refused (kept p_tombstone_ttl: the INVITE transaction's lifetime);
+--   it is refused, released already, or answered and p_reason is 'cancel' (a CANCEL that
+--     crosses the 200 must not free the slots of a call that goes on).
+-- Otherwise the call becomes a tombstone and its slots are returned. One statement.
+-- p_from_tag NULL: every live call with this Call-ID, and no tombstone.
+CREATE OR REPLACE FUNCTION release_call(p_call_id text, p_from_tag text, p_reason text,
+                                        p_tombstone_ttl interval, p_mode text)
+RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_live  text[] := CASE WHEN p_reason = 'cancel' THEN '{ringing}'
+                           ELSE '{ringing,answered}' END;
+    v_fresh boolean;
+    v_legs  integer[];
+    v_keys  text[];
+BEGIN
+    IF p_from_tag IS NULL THEN
+        -- Every live call with this Call-ID (an administrator's force-release): no tombstone.
+        WITH gone AS (
+            UPDATE calls c SET state = 'released', decision = released_decision(),
+                               expires_at = now() + p_tombstone_ttl
+            WHERE c.call_id = p_call_id AND c.state = ANY (v_live)
+            RETURNING slots_given_back(c.slot_legs, c.slot_keys, NULL, p_mode) AS back
+        )
+        SELECT array_agg(k) INTO v_keys FROM gone, unnest(gone.back || '{NULL}'::text[]) k;
+        RETURN array_remove(v_keys, NULL);   -- NULL: no call; '{}': calls that held nothing
+    END IF;
+    -- (A key longer than the calls table allows belongs to no call: nothing to refuse.)
+    IF NOT length(p_call_id) BETWEEN 1 AND 2048 OR length(p_from_tag) > 512 THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO calls AS c (call_id, from_tag, state, decision, expires_at)
+    VALUES (p_call_id, p_from_tag, 'released', released_decision(), now() + p_tombstone_ttl)
+    ON CONFLICT (call_id, from_tag) DO UPDATE
+        SET state = 'released', decision = EXCLUDED.decision, expires_at = EXCLUDED.expires_at
+        WHERE c.state = ANY (v_live)
+    RETURNING c.xmax = 0, c.slot_legs, c.slot_keys INTO v_fresh, v_legs, v_keys;
+    IF NOT FOUND OR v_fresh THEN
+        RETURN NULL;
+    END IF;
+    RETURN slots_given_back(v_legs, v_keys, NULL, p_mode);
+END $$;
+
+-- Apply answers and releases in arrival order (an answer and the release of the same call
+-- keep their order); the counters move once, at the end. p_types[i] is 'answer' or
+-- 'release'; returns, per event, 1 when it changed the call, else 0.
+CREATE OR REPLACE FUNCTION control_events(
+    p_types      text[],
+    p_call_ids   text[],
+    p_from_tags  text[],
+    p_legs       integer[],
+    p_reasons    text[],
+    p_max_duration interval,
+    p_tombstone_ttl interval
+) RETURNS integer[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_mode  text;
+    v_out   integer[] := '{}';
+    v_back  text[] := '{}';
+    v_keys  text[];
+BEGIN
+    PERFORM sidecar_counters_lock();
+    SELECT counting INTO v_mode FROM settings;
+    FOR i IN 1 .. coalesce(cardinality(p_types), 0) LOOP
+        IF p_types[i] = 'answer' THEN
+            v_keys := answer_call(p_call_ids[i], p_from_tags[i], p_legs[i], p_max_duration,
+                                  v_mode);
+        ELSE
+            v_keys := release_call(p_call_ids[i], p_from_tags[i], p_reasons[i],
+                                   p_tombstone_ttl, v_mode);
+        END IF;
+        v_out := v_out || (v_keys IS NOT NULL)::integer;
+        v_back := v_back || v_keys;
+    END LOOP;
+    PERFORM apply_counters(v_back, -1);
+    RETURN v_out;
+END $$;
+
+-- One answer. true when the call was ringing.
+CREATE OR REPLACE FUNCTION answer(p_call_id text, p_from_tag text, p_leg integer,
+                                  p_max_duration interval)
+RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    v_keys text[];
+BEGIN
+    PERFORM sidecar_counters_lock();
+    v_keys := answer_call(p_call_id, p_from_tag, p_leg, p_max_duration,
+                          (SELECT counting FROM settings));
+    PERFORM apply_counters(v_keys, -1);
+    RETURN v_keys IS NOT NULL;
+END $$;
+
+-- Give back every slot of the given calls and leave a tombstone of each live one (state
+-- 'released', kept until now() + p_tombstone_ttl). Returns how many calls were live
+-- (ringing or answered); refusals and tombstones are left as they are.
+CREATE OR REPLACE FUNCTION release_locked(p_call_ids text[], p_from_tags text[],
+                                          p_tombstone_ttl interval)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_mode  text;
+    v_n     integer;
+    v_keys  text[];
+BEGIN
+    PERFORM sidecar_counters_lock();
+    SELECT counting INTO v_mode FROM settings;
+    WITH gone AS (
+        UPDATE calls c SET state = 'released', decision = released_decision(),
+                           expires_at = now() + p_tombstone_ttl
+        FROM unnest(p_call_ids, p_from_tags) AS u(call_id, from_tag)
+        WHERE c.call_id = u.call_id AND c.from_tag = u.from_tag
+          AND c.state IN ('ringing', 'answered')
+        RETURNING slots_given_back(c.slot_legs, c.slot_keys, NULL, v_mode) AS back
+    )
+    SELECT (SELECT count(*) FROM gone),
+           ARRAY(SELECT k FROM gone, unnest(gone.back) k)
+    INTO v_n, v_keys;
+    PERFORM apply_counters(v_keys, -1);
+    RETURN v_n;
+END $$;
+
+-- The end of a call (see release_call()). Returns how many calls were released; releasing
+-- twice, or an unknown call, is harmless. p_from_tag NULL: every live call with this
+-- Call-ID (an administrator's force-release), and no tombstone.
+CREATE OR REPLACE FUNCTION release(p_call_id text, p_from_tag text, p_reason text DEFAULT NULL,
+                                   p_tombstone_ttl interval DEFAULT interval '180 seconds')
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_keys text[];
+    v_ids  text[];
+    v_tags text[];
+BEGIN
+    PERFORM sidecar_counters_lock();
+    IF p_from_tag IS NULL THEN
+        SELECT array_agg(call_id ORDER BY from_tag), array_agg(from_tag ORDER BY from_tag)
+        INTO v_ids, v_tags
+        FROM calls WHERE call_id = p_call_id
+          AND (p_reason IS DISTINCT FROM 'cancel' OR state = 'ringing');
+        RETURN coalesce(release_locked(v_ids, v_tags, p_tombstone_ttl), 0);
+    END IF;
+    v_keys := release_call(p_call_id, p_from_tag, p_reason, p_tombstone_ttl,
+                           (SELECT counting FROM settings));
+    PERFORM apply_counters(v_keys, -1);
+    RETURN (v_keys IS NOT NULL)::integer;
+END $$;
