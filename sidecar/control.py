@@ -222,7 +222,11 @@ async def decide(request: web.Request, item: AdmitRequest, due: float | None) ->
         else decision.get("why", "challenge" if out["action"] == "challenge" else "admitted")
     )
     metrics.decisions.labels(out["action"], reason).inc()
-    log.info(
+    # Refusals and challenges at INFO; the routine lines of a call (admitted, answered,
+    # released) at DEBUG: at 1,000 calls per second they would be 3,000 lines a second and a
+    # quarter of the sidecar's CPU (bench/RESULTS.md); the metrics count them all.
+    log.log(
+        logging.DEBUG if out["action"] == "relay" else logging.INFO,
         "decision",
         extra={
             "call_id": item.call_id,
@@ -264,12 +268,12 @@ def _count_event(request: web.Request, event: Event, result: int) -> None:
     metrics = request.app[METRICS]
     if event.type == "answer":
         metrics.answers.inc()
-        log.info("answered", extra={"call_id": event.call_id, "leg": event.leg,
+        log.debug("answered", extra={"call_id": event.call_id, "leg": event.leg,
                                     "changed": bool(result)})
     else:
         reason = event.reason or "unspecified"
         metrics.releases.labels(reason if result else "unknown_call").inc()
-        log.info("released", extra={"call_id": event.call_id, "reason": reason,
+        log.debug("released", extra={"call_id": event.call_id, "reason": reason,
                                     "released": result})
 
 
