@@ -28,6 +28,8 @@ Runner = Callable[[list[Any]], Awaitable[list[Any]]]
 # of the suspended transaction. An admission is shed unless it can be decided this long
 # before its deadline.
 _MARGIN = 0.03
+# A batch that takes longer than this is logged (WARNING): admissions are being shed.
+_SLOW_BATCH = 0.1
 
 
 class Overloaded(Exception):
@@ -192,6 +194,10 @@ class Scheduler:
             for w, result in zip(batch, results, strict=True):
                 _settle(w.future, result=result)
         took = time.monotonic() - started
+        if took > _SLOW_BATCH:
+            log.warning("slow batch", extra={"queue": queue.name, "size": len(batch),
+                                             "seconds": round(took, 3),
+                                             "waiting": len(queue.waiting)})
         self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * took
         if self._on_batch is not None:
             self._on_batch(queue.name, len(batch), took)
