@@ -14,6 +14,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 packages=(
     # Database: a private cluster is run from /usr/lib/postgresql/15/bin.
     postgresql-15 postgresql-client-15
+    # pg_auto_failover (pg_autoctl): the formation of `make run-cluster` and
+    # tests/e2e/test_cluster.py, a monitor, a primary and a synchronous standby.
+    postgresql-15-auto-failover
     # SIP proxy: core (tm, sl, dialog, auth_db, permissions, ...), jansson
     # (extra), db_postgres (postgres), and the utils modules.
     kamailio kamailio-extra-modules kamailio-postgres-modules kamailio-utils-modules

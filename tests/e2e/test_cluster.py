@@ -337,8 +337,9 @@ async def test_primary_killed_standby_promoted_nothing_lost(cluster: Cluster) ->
     promote = next((t - wall0 for t, d in events
                     if "node 2" in d and ("wait_primary" in d or "primary" in d)
                     and "reported" in d.lower()), None)
+    refused = sum(1 for _, s in tried if s != 200)
     print(f"CLUSTER failover detection_s={detect} promotion_s={promote} "
-          f"first_admitted_s={t_first:.2f} refused_meanwhile={sum(1 for _, s in tried if s != 200)} "
+          f"first_admitted_s={t_first:.2f} refused_meanwhile={refused} "
           f"releases_settled_s={settle:.2f} usage={len(up)}")
     await hang_up(up)
     await until(lambda: _usage_is(c, 0), 10)
