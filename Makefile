@@ -1,13 +1,15 @@
 # Quick start on a fresh Debian bookworm machine (root or sudo):
 #   make run    install what is needed, bring PostgreSQL + sidecar + Kamailio up on loopback
 #   make test   install what is needed, lint, type-check, run the test suite
-#   make stop   stop what `make run` started
+#   make run-cluster  the same with two Kamailio nodes, two sidecars and a
+#               PostgreSQL formation with failover (pg_auto_failover)
+#   make stop   stop what `make run` or `make run-cluster` started
 SHELL := /bin/bash
 VENV  := .venv
 # Touched after a successful `pip install`; redone when pyproject.toml is newer.
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: deps system test lint run stop bench clean
+.PHONY: deps system test lint run run-cluster stop bench clean
 
 deps: system $(STAMP)
 
@@ -36,6 +38,9 @@ test: deps
 
 run: deps
 	scripts/run.sh
+
+run-cluster: deps
+	scripts/run-cluster.sh
 
 stop:
 	scripts/stop.sh

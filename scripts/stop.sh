@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Stop what scripts/run.sh started: Kamailio, the sidecar, and the private
-# PostgreSQL cluster (only if run.sh started it; never a DATABASE_URL one).
+# PostgreSQL cluster (only if run.sh started it; never a DATABASE_URL one);
+# and what scripts/run-cluster.sh started: two Kamailio nodes, two sidecars,
+# the pg_auto_failover formation.
 # Harmless when nothing runs. Only processes named in .run/*.pid are touched.
 set -euo pipefail
 
@@ -39,6 +41,17 @@ stop_pid() {
 
 stop_pid Kamailio "$run/kamailio.pid" kamailio
 stop_pid sidecar "$run/sidecar.pid" sidecar
+# what scripts/run-cluster.sh started
+for i in 1 2; do
+    [ -f "$run/kamailio-$i.pid" ] && stop_pid "Kamailio node $i" "$run/kamailio-$i.pid" kamailio
+done
+for port in 8080 8081; do
+    [ -f "$run/sidecar-$port.pid" ] && stop_pid "sidecar :$port" "$run/sidecar-$port.pid" sidecar
+done
+if [ -f "$run/formation-started" ]; then
+    scripts/pgformation.sh stop "$run/formation"
+    rm -f "$run/formation-started" "$run/cluster.env"
+fi
 
 if [ -f "$run/pg-started" ]; then
     scripts/pgcluster.sh stop "$run/pg" "$(cat "$run/pg-started")"
