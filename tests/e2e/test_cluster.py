@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -344,3 +345,72 @@ async def test_primary_killed_standby_promoted_nothing_lost(cluster: Cluster) ->
     await hang_up(up)
     await until(lambda: _usage_is(c, 0), 10)
     assert await drift(c.formation) == []
+
+
+CLUSTER_PORTS = {"tcp": (8080, 8081, 25500, 25501, 25502, 5060, 5070), "udp": (5060, 5070)}
+
+
+def busy_ports() -> list[str]:
+    busy = []
+    for kind, ports in CLUSTER_PORTS.items():
+        for p in ports:
+            s = socket.socket(type=socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+            # as the servers bind: a connection of an earlier run in TIME_WAIT is no owner
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                busy.append(f"{kind}/{p}")
+            finally:
+                s.close()
+    return busy
+
+
+def test_make_run_cluster_brings_everything_up_and_stop_takes_it_down(
+        tmp_path: Path) -> None:
+    """scripts/run-cluster.sh (make run-cluster) in a clone of the work tree: every address
+    of the issue answers, .run/cluster.env holds the variables, scripts/stop.sh (make stop)
+    frees every port again."""
+    busy = busy_ports()
+    assert not busy, f"ports of make run-cluster already taken (stop make run?): {busy}"
+    # A copy of the work tree (its own .run), using this one's venv.
+    clone = tmp_path / "repo"
+    shutil.copytree(REPO, clone, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".run", ".build", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache",
+        ".pytest_cache"))
+    (clone / ".venv").symlink_to(REPO / ".venv")
+    os.chmod(tmp_path, 0o755)
+    env = dict(os.environ, SIDECAR_ADMIN_TOKEN="cluster-test-token")
+    try:
+        out = subprocess.run([str(clone / "scripts" / "run-cluster.sh")], env=env, cwd=clone,
+                             capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+        values = dict(
+            line.split("=", 1) for line in (clone / ".run" / "cluster.env").read_text()
+            .splitlines() if "=" in line and not line.startswith("#"))
+        values = {k: v.strip('"') for k, v in values.items()}
+        assert values["PG_NODES"] == "127.0.0.1:25501 127.0.0.1:25502"
+        assert values["PG_MONITOR"] == "127.0.0.1:25500"
+        assert values["SIDECAR_URLS"] == "http://127.0.0.1:8080 http://127.0.0.1:8081"
+        assert values["SIP_NODES"] == "127.0.0.1:5060 127.0.0.1:5070"
+        assert values["SIDECAR_ADMIN_TOKEN"] == "cluster-test-token"
+        assert "target_session_attrs=read-write" in values["DATABASE_URL"]
+        import urllib.request
+        for url in values["SIDECAR_URLS"].split():
+            req = urllib.request.Request(url + "/v1/usage",
+                                         headers={"Authorization": "Bearer cluster-test-token"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                assert r.status == 200
+        for node in values["SIP_NODES"].split():
+            host, port = node.split(":")
+            ping = subprocess.run(["python3", str(REPO / "scripts" / "sip-ping.py"), host, port,
+                                   "5"], capture_output=True, text=True)
+            assert ping.returncode == 0, ping.stderr
+    finally:
+        stop = subprocess.run([str(clone / "scripts" / "stop.sh")], cwd=clone,
+                              capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    deadline = time.monotonic() + 10
+    while busy_ports() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert busy_ports() == []
