@@ -32,6 +32,9 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         command_timeout=settings.db_timeout,
+        # A data node that went away without a word (packets dropped, not refused) must not
+        # hold a batch for asyncpg's default 60 s: after a failover the next host is tried.
+        timeout=settings.db_timeout,
         reset=_keep_session,
         init=_warm_up,
         server_settings={
