@@ -198,7 +198,8 @@ class SidecarProc(Proc):
             SIDECAR_PORT=str(self.port),
             SIDECAR_ADMIN_TOKEN=ADMIN_TOKEN,
             SIDECAR_SIP_REALM=REALM,
-            **env,
+            # the tests read the per-call lines (decision, answered, released): DEBUG
+            **{"SIDECAR_LOG_LEVEL": "DEBUG", **env},
         )
         super().__init__(
             "sidecar", [str(SIDECAR), "serve"], e, workdir / f"sidecar-{self.port}.log"
