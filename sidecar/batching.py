@@ -101,8 +101,11 @@ class Scheduler:
         if deadline is not None:
             # Shed while still queued once a batch could no longer answer in time (a batch
             # stuck on the database must not hold Kamailio's transactions past its timeout).
+            # (At most half of what is left goes to the estimate: a stale estimate must not
+            # shed a request before the scheduler has had a chance to take it.)
+            budget = deadline - now - _MARGIN
             timer = loop.call_at(
-                loop.time() + max(0.0, deadline - now - self.batch_seconds - _MARGIN),
+                loop.time() + max(0.0, budget - min(self.batch_seconds, budget / 2)),
                 self._shed, waiting,
             )
         self._kick()
@@ -117,9 +120,12 @@ class Scheduler:
         flight, the batches of the requests ahead of it, its own, and a margin for the HTTP
         round trip and Kamailio's resumption."""
         ahead = len(queue.waiting) // queue.max_batch + (1 if self._running else 0)
-        # Twice the estimate: batches grow slower as the queue grows, and an answer that
-        # comes late is work for nothing (and a call to reconcile).
-        return 2 * (ahead + 1) * self.batch_seconds + _MARGIN
+        # Only the work ahead of it, never its own batch: with nothing ahead the request is
+        # decided at once, so that an estimate left high by a slow moment (a checkpoint, a
+        # vacuum) is put right by the next batch instead of shedding every admission, no
+        # batch running, the estimate never coming down again. Twice the estimate: batches
+        # grow slower as the queue grows, and an answer that comes late is work for nothing.
+        return 2 * ahead * self.batch_seconds + _MARGIN
 
     @staticmethod
     def _shed(waiting: _Waiting) -> None:
@@ -165,7 +171,8 @@ class Scheduler:
             w = queue.waiting.popleft()
             if w.future.done():  # the client went away
                 continue
-            if w.deadline is not None and now + self.batch_seconds + _MARGIN > w.deadline:
+            # too late for any batch: shed (the estimate alone never sheds a taken request)
+            if w.deadline is not None and now + _MARGIN > w.deadline:
                 w.future.set_exception(Overloaded())
                 continue
             w.taken = True

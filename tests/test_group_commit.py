@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.batching import Overloaded, Scheduler
 from tests.helpers import Sidecar, counter_drift, running_sidecar
 
 OFFICE = {
@@ -160,3 +161,41 @@ async def test_admission_shed_when_it_cannot_be_decided_in_time(database_url: st
             await conn.close()
     assert await counter_drift(database_url) == []
 
+
+
+async def test_a_stale_estimate_never_sheds_an_idle_scheduler() -> None:
+    """A slow moment leaves the batch estimate high (seconds). With nothing ahead, the next
+    admissions are still decided, and the estimate comes down with them: overload shedding
+    must never lock itself in (no batch running, every admission shed, the estimate never
+    corrected: seen over 100,000 calls of bench/bench_memory.py before the fix)."""
+    ran: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        ran.append(items)
+        await asyncio.sleep(0.005)
+        return [i * 10 for i in items]
+
+    sched = Scheduler(run, run, max_batch=50)
+    sched.batch_seconds = 2.0  # left by a slow moment
+    deadline = 0.3
+    for i in range(20):
+        assert await sched.admission(i, time.monotonic() + deadline) == i * 10
+    assert sched.batch_seconds < 0.05
+    # A real backlog is still shed: a batch stuck in flight, the estimate says seconds.
+    stuck = asyncio.Event()
+
+    async def slow(items: list[int]) -> list[int]:
+        await stuck.wait()
+        return items
+
+    sched = Scheduler(slow, slow, max_batch=1)
+    sched.batch_seconds = 2.0
+    first = asyncio.create_task(sched.admission(1, time.monotonic() + 10))
+    await asyncio.sleep(0.01)
+    try:
+        await sched.admission(2, time.monotonic() + deadline)
+        raise AssertionError("not shed")
+    except Overloaded:
+        pass
+    stuck.set()
+    assert await first == 1
