@@ -222,6 +222,8 @@ async def decide(request: web.Request, item: AdmitRequest, due: float | None) ->
         else decision.get("why", "challenge" if out["action"] == "challenge" else "admitted")
     )
     metrics.decisions.labels(out["action"], reason).inc()
+    if decision.get("limit") and decision.get("counter") and not decision.get("repeat"):
+        metrics.limit_refusals.labels(decision["counter"]).inc()
     # Refusals and challenges at INFO; the routine lines of a call (admitted, answered,
     # released) at DEBUG: at 1,000 calls per second they would be 3,000 lines a second and a
     # quarter of the sidecar's CPU (bench/RESULTS.md); the metrics count them all.

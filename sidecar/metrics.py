@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+# No `*_created` series: a timestamp per counter doubles the series for nothing a dashboard
+# uses (process-wide in prometheus_client).
+disable_created_metrics()
 
 
 @dataclass
@@ -62,6 +72,28 @@ class Metrics:
             "sidecar_db_up",
             "1 when PostgreSQL answered the last scrape's query, else 0",
             registry=r,
+        )
+        # Per account and channel, computed at scrape time from the counters (busiest first,
+        # at most SIDECAR_METRICS_MAX_SERIES accounts and as many channels). counter: calls |
+        # public | internal. A limit series exists only where a limit is set.
+        self.account_active = Gauge(
+            "sidecar_account_active_calls", "Calls an account holds, by counter",
+            ["account", "counter"], registry=r,
+        )
+        self.account_limit = Gauge(
+            "sidecar_account_limit", "An account's limit, by counter", ["account", "counter"],
+            registry=r,
+        )
+        self.channel_active = Gauge(
+            "sidecar_channel_active_calls", "Calls a channel carries", ["channel"], registry=r
+        )
+        self.channel_limit = Gauge(
+            "sidecar_channel_limit", "A channel's calls limit", ["channel"], registry=r
+        )
+        # counter: the counter that refused (account:<id>:<counter> or channel:<id>:calls).
+        self.limit_refusals = Counter(
+            "sidecar_limit_refusals", "Calls refused for a limit, by the counter that refused",
+            ["counter"], registry=r,
         )
         # route: the route's pattern (/v1/calls/{call_id}), never the raw path.
         self.requests = Counter(

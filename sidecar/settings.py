@@ -116,5 +116,9 @@ class Settings:
     shutdown_drain: float = field(
         default_factory=lambda: float(_env("SIDECAR_SHUTDOWN_DRAIN", "2"))
     )
+    # Most accounts (and channels) with series of their own on /metrics, busiest first.
+    metrics_max_series: int = field(
+        default_factory=lambda: _int("SIDECAR_METRICS_MAX_SERIES", 500)
+    )
     # Log level (DEBUG, INFO, WARNING...). Logs are JSON lines on stderr.
     log_level: str = field(default_factory=lambda: _env("SIDECAR_LOG_LEVEL", "INFO"))

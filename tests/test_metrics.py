@@ -155,3 +155,34 @@ async def test_logs_are_json_with_call_ids_and_no_secrets(
     assert any(e["call_id"] == 'weird"call\u00e9\n' for e in call_lines)
     released = [orjson.loads(x) for x in lines if "force-released" in x]
     assert released and released[0]["call_id"] == 'weird"call\u00e9\n'
+
+
+async def test_per_account_series_busiest_first_capped_and_refusals_by_counter(
+        database_url: str) -> None:
+    doc = {**LIMITED, "accounts": [
+        *LIMITED["accounts"],
+        *({"id": f"idle-{i:02}", "limits": {"calls": 5}} for i in range(30)),
+    ]}
+    async with running_sidecar(database_url, metrics_max_series=3) as sc:
+        await sc.put_config(doc)
+        assert (await sc.admit("p1", to="ivr", source="127.0.0.3"))["action"] == "relay"
+        assert (await sc.admit("p2", to="ivr", source="127.0.0.3"))["action"] == "relay"
+        refused = await sc.admit("p3", to="ivr", source="127.0.0.3")
+        assert refused["action"] == "reject" and refused["counter"] == "account:acme:calls"
+        await sc.admit("p3", to="ivr", source="127.0.0.3")   # a retransmission: counted once
+        s = await scrape(sc)
+        # The busiest account first, with its limit; unlimited counters have no limit series.
+        assert value(s, "sidecar_account_active_calls", account="acme", counter="calls") == 2
+        assert value(s, "sidecar_account_limit", account="acme", counter="calls") == 2
+        assert ("sidecar_account_limit", (("account", "acme"), ("counter", "public"))) not in s
+        assert value(s, "sidecar_channel_active_calls", channel="carrier-a") == 2
+        # At most 3 accounts have series (33 are configured).
+        accounts = {dict(k[1])["account"] for k in s if k[0] == "sidecar_account_active_calls"}
+        assert len(accounts) == 3 and "acme" in accounts, accounts
+        assert value(s, "sidecar_limit_refusals_total", counter="account:acme:calls") == 1
+        # No `_created` series.
+        assert not [k for k in s if k[0].endswith("_created")]
+        # A call released: the gauges follow at the next scrape.
+        assert await sc.release("p1")
+        s = await scrape(sc)
+        assert value(s, "sidecar_account_active_calls", account="acme", counter="calls") == 1
