@@ -156,11 +156,13 @@ async def apply(conn: asyncpg.Connection, doc: dict[str, Any], realm: str) -> di
     )
 
     await conn.executemany(
-        """INSERT INTO accounts (id, name, parent, calls_limit, public_limit, internal_limit)
-           VALUES ($1, $2, $3, $4, $5, $6)
+        """INSERT INTO accounts (id, name, parent, calls_limit, public_limit, internal_limit,
+                                cps_limit, cps_burst)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
            ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, parent = EXCLUDED.parent,
                calls_limit = EXCLUDED.calls_limit, public_limit = EXCLUDED.public_limit,
-               internal_limit = EXCLUDED.internal_limit""",
+               internal_limit = EXCLUDED.internal_limit, cps_limit = EXCLUDED.cps_limit,
+               cps_burst = EXCLUDED.cps_burst""",
         [
             (
                 a["id"],
@@ -169,15 +171,19 @@ async def apply(conn: asyncpg.Connection, doc: dict[str, Any], realm: str) -> di
                 _limit(a, "calls"),
                 _limit(a, "public"),
                 _limit(a, "internal"),
+                _limit(a, "cps"),
+                _limit(a, "cps_burst"),
             )
             for a in accounts
         ],
     )
     await conn.executemany(
-        """INSERT INTO channels (id, name, calls_limit, sources, gateway, prefixes, priority)
-           VALUES ($1, $2, $3, $4::cidr[], $5, $6, $7)
+        """INSERT INTO channels (id, name, calls_limit, sources, gateway, prefixes, priority,
+                                cps_limit, cps_burst)
+           VALUES ($1, $2, $3, $4::cidr[], $5, $6, $7, $8, $9)
            ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name,
-               calls_limit = EXCLUDED.calls_limit, sources = EXCLUDED.sources,
+               calls_limit = EXCLUDED.calls_limit, cps_limit = EXCLUDED.cps_limit,
+               cps_burst = EXCLUDED.cps_burst, sources = EXCLUDED.sources,
                gateway = EXCLUDED.gateway, prefixes = EXCLUDED.prefixes,
                priority = EXCLUDED.priority""",
         [
@@ -189,6 +195,8 @@ async def apply(conn: asyncpg.Connection, doc: dict[str, Any], realm: str) -> di
                 c.get("gateway"),
                 c.get("prefixes", []),
                 c.get("priority", 0),
+                _limit(c, "cps"),
+                _limit(c, "cps_burst"),
             )
             for c in channels
         ],
@@ -233,7 +241,12 @@ def _net(value: Any) -> str:
 
 
 def _limits(row: asyncpg.Record, keys: tuple[str, ...]) -> dict[str, int]:
-    return {k: row[f"{k}_limit"] for k in keys if row[f"{k}_limit"] is not None}
+    """The limits object of an account or channel row: the *_limit columns named, and the
+    calls-per-second burst when set."""
+    out = {k: row[f"{k}_limit"] for k in keys if row[f"{k}_limit"] is not None}
+    if row["cps_burst"] is not None:
+        out["cps_burst"] = row["cps_burst"]
+    return out
 
 
 async def export(conn: asyncpg.Connection) -> dict[str, Any]:
@@ -251,7 +264,7 @@ async def export(conn: asyncpg.Connection) -> dict[str, Any]:
             acc["name"] = r["name"]
         if r["parent"] is not None:
             acc["parent"] = r["parent"]
-        limits = _limits(r, ("calls", "public", "internal"))
+        limits = _limits(r, ("calls", "public", "internal", "cps"))
         if limits:
             acc["limits"] = limits
         accounts.append(acc)
@@ -277,7 +290,7 @@ async def export(conn: asyncpg.Connection) -> dict[str, Any]:
         chan: dict[str, Any] = {"id": r["id"]}
         if r["name"] is not None:
             chan["name"] = r["name"]
-        limits = _limits(r, ("calls",))
+        limits = _limits(r, ("calls", "cps"))
         if limits:
             chan["limits"] = limits
         if r["sources"]:

@@ -136,20 +136,22 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                     "INSERT INTO schema_version (version, name) VALUES ($1, $2)", version, path.name
                 )
             applied.append(path.name)
-        applied += await _apply_functions(conn)
+        # After a migration, every file again: a migration may drop a function whose file
+        # did not change (to change its signature), and nothing else would create it again.
+        applied += await _apply_functions(conn, every=bool(applied))
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied
 
 
-async def _apply_functions(conn: asyncpg.Connection) -> list[str]:
+async def _apply_functions(conn: asyncpg.Connection, every: bool = False) -> list[str]:
     done = {r["name"]: r["sha256"] for r in await conn.fetch(
         "SELECT name, sha256 FROM schema_functions")}
     applied = []
     for path in sorted(FUNCTIONS.glob("*.sql")):
         text = path.read_text()
         digest = hashlib.sha256(text.encode()).hexdigest()
-        if done.get(path.name) == digest:
+        if done.get(path.name) == digest and not every:
             continue
         log.info("applying functions", extra={"functions": path.name})
         async with conn.transaction():

@@ -79,14 +79,19 @@ def _put_if(out: Item, key: str, value: Any) -> None:
 
 
 def _limits(row: asyncpg.Record, keys: tuple[str, ...]) -> dict[str, int]:
-    return {k: row[f"{k}_limit"] for k in keys if row[f"{k}_limit"] is not None}
+    """The limits object of an account or channel row: the *_limit columns named, and the
+    calls-per-second burst when set."""
+    out = {k: row[f"{k}_limit"] for k in keys if row[f"{k}_limit"] is not None}
+    if row["cps_burst"] is not None:
+        out["cps_burst"] = row["cps_burst"]
+    return out
 
 
 def _account_item(row: asyncpg.Record) -> Item:
     out: Item = {"id": row["id"]}
     _put_if(out, "name", row["name"])
     _put_if(out, "parent", row["parent"])
-    limits = _limits(row, ("calls", "public", "internal"))
+    limits = _limits(row, ("calls", "public", "internal", "cps"))
     if limits:
         out["limits"] = limits
     return out
@@ -100,6 +105,8 @@ def _account_row(item: Item, realm: str) -> Item:
         "calls_limit": _limit(item, "calls"),
         "public_limit": _limit(item, "public"),
         "internal_limit": _limit(item, "internal"),
+        "cps_limit": _limit(item, "cps"),
+        "cps_burst": _limit(item, "cps_burst"),
     }
 
 
@@ -142,7 +149,7 @@ def _number_row(item: Item, realm: str) -> Item:
 def _channel_item(row: asyncpg.Record) -> Item:
     out: Item = {"id": row["id"]}
     _put_if(out, "name", row["name"])
-    limits = _limits(row, ("calls",))
+    limits = _limits(row, ("calls", "cps"))
     if limits:
         out["limits"] = limits
     _put_if(out, "sources", [_net(s) for s in row["sources"]])
@@ -158,6 +165,8 @@ def _channel_row(item: Item, realm: str) -> Item:
         "id": item["id"],
         "name": item.get("name"),
         "calls_limit": _limit(item, "calls"),
+        "cps_limit": _limit(item, "cps"),
+        "cps_burst": _limit(item, "cps_burst"),
         "sources": item.get("sources", []),
         "gateway": item.get("gateway"),
         "prefixes": item.get("prefixes", []),
@@ -342,7 +351,8 @@ KINDS: dict[str, Kind] = {
             "accounts",
             "account",
             "id",
-            ("id", "name", "parent", "calls_limit", "public_limit", "internal_limit"),
+            ("id", "name", "parent", "calls_limit", "public_limit", "internal_limit",
+             "cps_limit", "cps_burst"),
             {},
             ("parent",),
             _account_item,
@@ -378,7 +388,8 @@ KINDS: dict[str, Kind] = {
             "channels",
             "channel",
             "id",
-            ("id", "name", "calls_limit", "sources", "gateway", "prefixes", "priority"),
+            ("id", "name", "calls_limit", "sources", "gateway", "prefixes", "priority",
+             "cps_limit", "cps_burst"),
             {"sources": "cidr[]"},
             (),
             _channel_item,

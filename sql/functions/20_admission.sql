@@ -213,30 +213,66 @@ BEGIN
 END $$;
 
 -- Lock the counter rows behind p_keys (canonical order) and read the room each has left:
--- {key: limit - active} for every counter with a limit, and the channels' gateways.
-CREATE OR REPLACE FUNCTION counters_room(p_keys text[], OUT room jsonb, OUT gateways jsonb)
+-- {key: limit - active} for every counter with a limit, the channels' gateways, and the
+-- calls-per-second buckets of the rows with a cps limit, refilled to now:
+-- {"account:<id>:cps" | "channel:<id>:cps": tokens} (migration 006).
+CREATE OR REPLACE FUNCTION counters_room(p_keys text[], OUT room jsonb, OUT gateways jsonb,
+                                         OUT cps jsonb)
 LANGUAGE plpgsql AS $$
 BEGIN
     WITH acc AS (
         SELECT id, calls_limit - calls_active AS c, public_limit - public_active AS p,
-               internal_limit - internal_active AS n
+               internal_limit - internal_active AS n, cps_limit, cps_burst, cps_tokens, cps_at
         FROM accounts
         WHERE id IN (SELECT split_part(k, ':', 2) FROM unnest(p_keys) k WHERE k LIKE 'account:%')
         ORDER BY id FOR NO KEY UPDATE
     ), chan AS (
-        SELECT id, calls_limit - calls_active AS c, gateway
+        SELECT id, calls_limit - calls_active AS c, gateway, cps_limit, cps_burst, cps_tokens,
+               cps_at
         FROM channels
         WHERE id IN (SELECT split_part(k, ':', 2) FROM unnest(p_keys) k WHERE k LIKE 'channel:%')
         ORDER BY id FOR NO KEY UPDATE
+    ), buckets AS (
+        SELECT 'account:' || id || ':cps' AS k, cps_limit, cps_burst, cps_tokens, cps_at
+        FROM acc WHERE cps_limit IS NOT NULL
+        UNION ALL
+        SELECT 'channel:' || id || ':cps', cps_limit, cps_burst, cps_tokens, cps_at
+        FROM chan WHERE cps_limit IS NOT NULL
     )
     SELECT (SELECT coalesce(jsonb_object_agg(k, r) FILTER (WHERE r IS NOT NULL), '{}') FROM (
                 SELECT 'account:' || id || ':calls' AS k, c AS r FROM acc
                 UNION ALL SELECT 'account:' || id || ':public', p FROM acc
                 UNION ALL SELECT 'account:' || id || ':internal', n FROM acc
                 UNION ALL SELECT 'channel:' || id || ':calls', c FROM chan) s),
-           (SELECT coalesce(jsonb_object_agg(id, gateway), '{}') FROM chan)
-    INTO room, gateways;
+           (SELECT coalesce(jsonb_object_agg(id, gateway), '{}') FROM chan),
+           (SELECT coalesce(jsonb_object_agg(k, least(
+                coalesce(cps_burst, cps_limit)::float8,
+                coalesce(cps_tokens, coalesce(cps_burst, cps_limit)::float8)
+                + extract(epoch FROM now() - coalesce(cps_at, now())) * cps_limit)), '{}')
+            FROM buckets)
+    INTO room, gateways, cps;
 END $$;
+
+-- Keep the calls-per-second buckets as a batch left them ({key: tokens} as of now()).
+CREATE OR REPLACE FUNCTION store_cps(p_cps jsonb) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_cps = '{}' THEN
+        RETURN;
+    END IF;
+    UPDATE accounts a SET cps_tokens = b.value::float8, cps_at = now()
+    FROM jsonb_each_text(p_cps) b
+    WHERE b.key LIKE 'account:%' AND a.id = split_part(b.key, ':', 2);
+    UPDATE channels c SET cps_tokens = b.value::float8, cps_at = now()
+    FROM jsonb_each_text(p_cps) b
+    WHERE b.key LIKE 'channel:%' AND c.id = split_part(b.key, ':', 2);
+END $$;
+
+-- The calls-per-second bucket a call would take a token from, for each counter it holds:
+-- every account and channel it touches, once.
+CREATE OR REPLACE FUNCTION cps_keys(p_slot_keys text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY(SELECT DISTINCT regexp_replace(k, ':[a-z]+$', ':cps') FROM unnest(p_slot_keys) k)
+$$;
 
 -- Decide several initial INVITEs in arrival order; returns the decisions in the same order,
 -- as jsonb text:
@@ -286,6 +322,9 @@ DECLARE
     v_mode     text;
     v_room     jsonb;
     v_gateways jsonb;
+    v_cps      jsonb;              -- calls-per-second buckets: {key: tokens}
+    v_call_cps jsonb;
+    v_accounts text[];             -- the caller's account chain (refusals name their side)
     v_acquired text[] := '{}';     -- every slot the batch takes (counter increments)
     v_origin   record;
     v_legs     planned_leg[];
@@ -338,7 +377,7 @@ BEGIN
 
     -- 2. Lock and read every counter the batch may need; then the counting mode (read after
     --    the locks: a change of mode recounts under the same advisory lock).
-    SELECT * INTO v_room, v_gateways FROM counters_room(v_keys);
+    SELECT * INTO v_room, v_gateways, v_cps FROM counters_room(v_keys);
     SELECT counting INTO v_mode FROM settings;
 
     -- 3. Decide each call in arrival order.
@@ -347,12 +386,13 @@ BEGIN
             -- Write what came before, then decide it alone (it sees its twin), then read the
             -- counters again for the calls after it.
             PERFORM apply_counters(v_acquired, 1);
+            PERFORM store_cps(v_cps);
             v_acquired := '{}';
             v_out[i] := (admit_batch(p_call_ids[i:i], p_from_tags[i:i], p_sources[i:i],
                                      p_from_users[i:i], p_to_users[i:i], p_auth_users[i:i],
                                      p_nodes[i:i], p_boots[i:i], p_lates[i:i], p_force,
                                      p_domain, p_ring_ttl, p_max_duration))[1]::jsonb;
-            SELECT * INTO v_room, v_gateways FROM counters_room(v_keys);
+            SELECT * INTO v_room, v_gateways, v_cps FROM counters_room(v_keys);
             CONTINUE;
         END IF;
         CONTINUE WHEN v_out[i] IS NOT NULL;
@@ -360,6 +400,7 @@ BEGIN
         -- A late admission is counted whatever the limits: the call is already up.
         v_force := p_force OR p_lates[i];
         v_call_room := v_room;
+        v_call_cps := v_cps;
         v_held := '{}';
         v_take := '{}';
         v_slot_leg := '{}';
@@ -370,6 +411,7 @@ BEGIN
         WHILE v_next <= cardinality(v_plans) AND (v_plans[v_next]).call_no = i LOOP
             v_leg := v_plans[v_next];
             v_next := v_next + 1;
+            v_accounts := v_leg.origin_accounts;
             SELECT * INTO v_verdict FROM decide_leg(v_leg, v_mode, v_call_room, v_held);
             IF v_verdict.full_at IS NOT NULL THEN
                 v_refusal := coalesce(v_refusal, jsonb_build_object(
@@ -425,6 +467,30 @@ BEGIN
             v_next := v_next + 1;
         END LOOP;
 
+        -- A call that would ring takes one token from each calls-per-second bucket it
+        -- touches (accounts and channels with a cps limit); an empty bucket refuses it.
+        IF jsonb_array_length(v_rung) > 0 AND v_call_cps <> '{}' THEN
+            FOREACH v_key IN ARRAY cps_keys(v_slot_key) LOOP
+                CONTINUE WHEN NOT v_call_cps ? v_key;
+                IF (v_call_cps ->> v_key)::float8 < 1 THEN
+                    IF v_force THEN
+                        v_shadow := coalesce(v_shadow, '[]')
+                                    || jsonb_build_object('leg', 0, 'counter', v_key);
+                        CONTINUE;
+                    END IF;
+                    v_refusal := jsonb_build_object(
+                        'why', CASE WHEN v_key LIKE 'account:%'
+                                         AND split_part(v_key, ':', 2) = ANY (v_accounts)
+                                    THEN 'limit_origin' ELSE 'limit_destination' END,
+                        'counter', v_key, 'leg', 0);
+                    v_rung := '[]';
+                    EXIT;
+                END IF;
+                v_call_cps := jsonb_set(v_call_cps, ARRAY[v_key],
+                                        to_jsonb((v_call_cps ->> v_key)::float8 - 1));
+            END LOOP;
+        END IF;
+
         -- 4. Write the call. Refused when leg 0 is, or when nothing rings: for the first
         --    limit that refused a leg, else because no forward target can be reached. A
         --    refused call holds nothing.
@@ -452,13 +518,15 @@ BEGIN
                     now() + CASE WHEN p_lates[i] THEN p_max_duration ELSE p_ring_ttl END,
                     v_slot_leg, v_slot_key);
             v_room := v_call_room;
+            v_cps := v_call_cps;
             v_acquired := v_acquired || v_take;
         END IF;
         v_out[i] := v_decision;
     END LOOP;
 
-    -- 5. The counters, once for the batch.
+    -- 5. The counters and the buckets, once for the batch.
     PERFORM apply_counters(v_acquired, 1);
+    PERFORM store_cps(v_cps);
     RETURN v_out::text[];
 END $$;
 
