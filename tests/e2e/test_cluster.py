@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -92,9 +93,17 @@ class Formation:
                               text=True, timeout=240).stdout
 
 
+def pg_reachable_dir(prefix: str) -> Path:
+    """A directory the postgres user can reach whatever happens to pytest's own temporary
+    root (0700, and set so again by every pytest session that starts meanwhile)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(0o755)
+    return d
+
+
 @pytest.fixture(scope="module")
-async def formation(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Formation]:
-    f = Formation(tmp_path_factory.mktemp("formation"), free_block(3))
+async def formation() -> AsyncIterator[Formation]:
+    f = Formation(pg_reachable_dir("sidecar-formation-"), free_block(3))
     try:
         await asyncio.to_thread(f.script, "start", str(f.dir), str(f.port))
         await asyncio.to_thread(subprocess.run, [str(SIDECAR), "migrate"], check=True,
@@ -102,6 +111,7 @@ async def formation(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[F
         yield f
     finally:
         await asyncio.to_thread(f.script, "stop", str(f.dir))
+        shutil.rmtree(f.dir, ignore_errors=True)
 
 
 @dataclass
@@ -278,6 +288,38 @@ async def test_a_node_whose_sidecar_dies_asks_the_other(cluster: Cluster) -> Non
     assert await drift(c.formation) == []
 
 
+async def test_cps_burst_at_five_times_the_limit_over_both_nodes(cluster: Cluster) -> None:
+    """An account limited to 4 new calls per second; 20 INVITEs per second for 2 s, split
+    between both nodes (5 times the limit): about one second's worth is admitted per second
+    (the burst of 4, then 4 per second), refused calls get REACH_PLAN_LIMIT naming the cps
+    counter, whichever node they came in by."""
+    c = cluster
+    await c.api.release_all()
+    await configure(c, limit=1000)
+    status, _ = await c.api.call("PATCH", "/v1/accounts/acme", {"limits": {"calls": 1000,
+                                                                         "cps": 4}})
+    assert status == 200
+    calls: list[Call] = []
+    t0 = time.monotonic()
+    for i in range(40):
+        await asyncio.sleep(max(0.0, t0 + i / 20 - time.monotonic()))
+        calls.append(await place(c, i % 2, i))
+    finals = await asyncio.gather(*(call.wait_final(8) for call in calls))
+    elapsed = time.monotonic() - t0
+    up = [call for call, st in zip(calls, finals, strict=True) if st == 200]
+    refused = [call for call, st in zip(calls, finals, strict=True) if st != 200]
+    expected = 4 + 4 * elapsed   # the burst, then the rate over the time the INVITEs took
+    print(f"CLUSTER cps offered=40 in {elapsed:.2f}s admitted={len(up)} expected~{expected:.1f}")
+    assert expected - 2 <= len(up) <= expected + 1, (len(up), expected)
+    assert all(call.final is not None and call.final.reason == "REACH_PLAN_LIMIT"
+               and call.final.status == 403 for call in refused)
+    assert {sum(1 for i, call in enumerate(calls) if call in up and i % 2 == n)
+            for n in (0, 1)} != {0}, "no call admitted"
+    await hang_up(up)
+    await until(lambda: _usage_is(c, 0), 10)
+    assert await drift(c.formation) == []
+
+
 async def monitor_events(f: Formation, since: float) -> list[tuple[float, str]]:
     conn = await asyncpg.connect(f.monitor_url)
     try:
@@ -366,14 +408,14 @@ def busy_ports() -> list[str]:
     return busy
 
 
-def test_make_run_cluster_brings_everything_up_and_stop_takes_it_down(
-        tmp_path: Path) -> None:
+def test_make_run_cluster_brings_everything_up_and_stop_takes_it_down() -> None:
     """scripts/run-cluster.sh (make run-cluster) in a clone of the work tree: every address
     of the issue answers, .run/cluster.env holds the variables, scripts/stop.sh (make stop)
     frees every port again."""
     busy = busy_ports()
     assert not busy, f"ports of make run-cluster already taken (stop make run?): {busy}"
     # A copy of the work tree (its own .run), using this one's venv.
+    tmp_path = pg_reachable_dir("sidecar-run-cluster-")
     clone = tmp_path / "repo"
     shutil.copytree(REPO, clone, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", ".run", ".build", ".venv", "__pycache__", ".mypy_cache", ".ruff_cache",
@@ -410,6 +452,7 @@ def test_make_run_cluster_brings_everything_up_and_stop_takes_it_down(
         stop = subprocess.run([str(clone / "scripts" / "stop.sh")], cwd=clone,
                               capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
+    shutil.rmtree(tmp_path, ignore_errors=True)
     deadline = time.monotonic() + 10
     while busy_ports() and time.monotonic() < deadline:
         time.sleep(0.2)

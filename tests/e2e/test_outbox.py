@@ -302,9 +302,14 @@ async def test_unavailable_retried_and_a_bad_event_dropped_alone(
     await stub.wait_delivered(len(good))
     assert kinds(stub.delivered()) == good
     bad = [a for a in stub.attempts if a.status == 400]
-    assert len(bad[0].events) > 1  # the batch, then each poisoned event on its own
-    assert [kinds(a.events) for a in bad[1:]] == [[k] for k in expected if "poison" in k[1]]
-    assert len(kam.events("outbox_batch_refused")) == 1
+    # Each batch holding a poisoned event is refused whole, then split: each poisoned event
+    # is refused on its own. (How many batches: the BYEs may come after the drain took the
+    # answers, on a busy machine.)
+    whole = [a for a in bad if len(a.events) > 1]
+    alone = [a for a in bad if len(a.events) == 1]
+    assert whole and bad[0] is whole[0]
+    assert [kinds(a.events) for a in alone] == [[k] for k in expected if "poison" in k[1]]
+    assert len(kam.events("outbox_batch_refused")) == len(whole)
     dropped = kam.events("outbox_dropped")
     assert len(dropped) == 2 and all("poison-1@127.0.0.2" in line for line in dropped), dropped
 
