@@ -58,31 +58,10 @@ DATABASE_URL=$(scripts/pgformation.sh url "$run/formation" "$fport")
 export DATABASE_URL
 
 # --- admin token ------------------------------------------------------------------
-if [ -n "${SIDECAR_ADMIN_TOKEN:-}" ]; then
-    token_note="(from SIDECAR_ADMIN_TOKEN)"
-else
-    if [ ! -s "$run/admin-token" ]; then
-        say "generating an admin token in .run/admin-token"
-        (umask 077 && openssl rand -hex 24 >"$run/admin-token")
-    fi
-    chmod 600 "$run/admin-token"
-    SIDECAR_ADMIN_TOKEN=$(cat "$run/admin-token")
-    token_note="(generated; saved in .run/admin-token)"
-fi
-export SIDECAR_ADMIN_TOKEN
+admin_token "$run"
 
 # --- 2. schema and configuration ------------------------------------------------------
-say "applying database migrations (sidecar migrate)"
-"$sidecar" migrate
-configured=$(psql "$DATABASE_URL" -X -At -v ON_ERROR_STOP=1 -c \
-    "SELECT (SELECT count(*) FROM accounts) + (SELECT count(*) FROM extensions)
-          + (SELECT count(*) FROM numbers) + (SELECT count(*) FROM channels)")
-if [ "$configured" != 0 ]; then
-    say "the database already holds a configuration ($configured items); keeping it"
-elif [ -f "$config_doc" ]; then
-    say "empty configuration: loading examples/config.json (sidecar import)"
-    "$sidecar" import "$config_doc"
-fi
+migrate_and_load_example "$sidecar" "$config_doc"
 
 # --- 3. two sidecars ---------------------------------------------------------------------
 sidecar_urls=()
