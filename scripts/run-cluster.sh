@@ -52,8 +52,9 @@ wait_http() {   # wait_http URL PIDFILE LOG
 
 # --- 1. PostgreSQL formation ----------------------------------------------------
 say "starting the PostgreSQL formation in .run/formation (monitor 127.0.0.1:$fport)"
-scripts/pgformation.sh start "$run/formation" "$fport"
+# Marked first: `make stop` also stops a formation that failed halfway through its start.
 echo "$fport" >"$run/formation-started"
+scripts/pgformation.sh start "$run/formation" "$fport"
 DATABASE_URL=$(scripts/pgformation.sh url "$run/formation" "$fport")
 export DATABASE_URL
 
