@@ -25,6 +25,9 @@ packages=(
     # Outside SIP clients for tests. baresip-core is the headless part of
     # baresip (the `baresip` metapackage recommends GTK/X11 front ends).
     baresip-core sipsak
+    # A real headless browser for the /ui/ page's test (tests/e2e/test_ui.py,
+    # driven by selenium through Debian's chromedriver).
+    chromium chromium-driver
     # Python venv for the sidecar, and small tools the scripts use.
     python3-venv curl jq openssl
 )

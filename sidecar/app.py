@@ -13,7 +13,7 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import admin, control, db, openapi, resources
+from . import admin, control, db, openapi, overview, resources, ui
 from .errors import error_middleware, error_response
 from .jsonio import respond
 from .metrics import Metrics
@@ -193,6 +193,10 @@ async def janitor_run(app: web.Application) -> None:
     for _ in range(_JANITOR_ROUNDS):
         if await pool.fetchval("SELECT purge_calls($1)", _JANITOR_BATCH) < _JANITOR_BATCH:
             break
+    await pool.execute(
+        "DELETE FROM refusal_minutes WHERE minute < now() - $1::interval",
+        timedelta(minutes=settings.refusal_history),
+    )
 
 
 async def _janitor(app: web.Application) -> None:
@@ -219,11 +223,18 @@ async def _on_shutdown(app: web.Application) -> None:
     app[STOPPING].set()
 
 
+# The longest request line accepted (aiohttp's default is 8190 bytes): the longest URL the
+# OpenAPI document allows, every character a 4-byte one percent-encoded (the `after` of
+# GET /v1/calls, 16,384 characters, is 196,608 bytes); tests/test_openapi.py checks it.
+MAX_REQUEST_LINE = 256 << 10
+
+
 def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
     app = web.Application(
         middlewares=[metrics_middleware, failure_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
+        handler_args={"max_line_size": MAX_REQUEST_LINE},
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -237,4 +248,6 @@ def create_app(settings: Settings | None = None) -> web.Application:
     admin.add_routes(app)
     resources.add_routes(app)
     openapi.add_routes(app)
+    overview.add_routes(app)
+    ui.add_routes(app)
     return app

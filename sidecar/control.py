@@ -31,6 +31,14 @@ _ADMIT_BATCH = (
 )
 _EVENTS = "SELECT control_events($1, $2, $3, $4, $5, $6, $7)"
 _RECONCILE = "SELECT * FROM reconcile_node($1, $2, $3, $4, $5, $6, $7, $8)"
+# The node as this heartbeat shows it (GET /v1/nodes, the operator's page); a new boot id
+# restarts booted_at.
+_NODE_SEEN = """
+    INSERT INTO nodes AS n (node, boot, booted_at, seen_at, dialogs)
+    VALUES ($1, $2, now(), now(), $3)
+    ON CONFLICT (node) DO UPDATE SET
+        boot = EXCLUDED.boot, seen_at = EXCLUDED.seen_at, dialogs = EXCLUDED.dialogs,
+        booted_at = CASE WHEN n.boot = EXCLUDED.boot THEN n.booted_at ELSE EXCLUDED.booted_at END"""
 _CONTROL_BODY_MAX = 256 << 10  # admit, answer, release: one call each
 _EVENTS_BODY_MAX = 4 << 20
 # A heartbeat lists every dialog of a node: 10,000 dialogs with Call-IDs of 2048 characters
@@ -393,6 +401,8 @@ def parse_dialogs(items: list[Any]) -> Dialogs:
         if "from_tag" in item and not _text(item, "from_tag", 512):
             raise _bad_dialog(i, "from_tag", "is not a string of at most 512 characters")
         state = item.get("state")
+        if isinstance(state, float) and state.is_integer():
+            state = int(state)  # JSON Schema's integer: 4.0 is 4
         if state is not None and (
             not isinstance(state, int) or isinstance(state, bool) or not 0 <= state <= 1000
         ):
@@ -443,6 +453,10 @@ async def heartbeat(request: web.Request) -> web.Response:
             timedelta(seconds=settings.reconcile_grace),
             timedelta(seconds=settings.ringing_ttl),
             timedelta(seconds=settings.max_call_duration),
+        )
+        await conn.execute(
+            _NODE_SEEN, body["node"], body["boot"],
+            None if dialogs is None else len(listed.call_ids),
         )
     released, answered = row["released"], row["answered"]
     if released:

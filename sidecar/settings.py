@@ -120,5 +120,11 @@ class Settings:
     metrics_max_series: int = field(
         default_factory=lambda: _int("SIDECAR_METRICS_MAX_SERIES", 500)
     )
+    # Minutes of refusals per minute and counter kept for the operator's view (/ui/,
+    # GET /v1/refusals); the janitor forgets older minutes.
+    refusal_history: int = field(default_factory=lambda: _int("SIDECAR_REFUSAL_HISTORY", 1440))
+    # A Kamailio node whose last heartbeat is older than this many seconds is shown as silent
+    # (about three of its HEARTBEAT_INTERVAL, 10 s by default).
+    node_silent_after: int = field(default_factory=lambda: _int("SIDECAR_NODE_SILENT_AFTER", 30))
     # Log level (DEBUG, INFO, WARNING...). Logs are JSON lines on stderr.
     log_level: str = field(default_factory=lambda: _env("SIDECAR_LOG_LEVEL", "INFO"))

@@ -126,3 +126,12 @@ BEGIN
         calls_active = coalesce((SELECT active FROM e WHERE counter = 'channel:' || c.id || ':calls'), 0);
     RETURN v_changed;
 END $$;
+
+-- Refusals for a limit, per minute and counter (the operator's view): one statement for a
+-- batch's refusals, none for a batch without.
+CREATE OR REPLACE FUNCTION count_refusals(p_counters text[]) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO refusal_minutes AS r (minute, counter, refusals)
+    SELECT date_trunc('minute', now()), c, count(*) FROM unnest(p_counters) c GROUP BY c
+    ON CONFLICT (minute, counter) DO UPDATE SET refusals = r.refusals + EXCLUDED.refusals
+$$;

@@ -326,6 +326,7 @@ DECLARE
     v_call_cps jsonb;
     v_accounts text[];             -- the caller's account chain (refusals name their side)
     v_acquired text[] := '{}';     -- every slot the batch takes (counter increments)
+    v_refused  text[] := '{}';     -- the counter of every call refused for a limit
     v_origin   record;
     v_legs     planned_leg[];
     v_leg      planned_leg;
@@ -502,6 +503,9 @@ BEGIN
                                decision, expires_at)
             VALUES (p_call_ids[i], p_from_tags[i], 'refused', v_origins[i], p_to_users[i],
                     p_nodes[i], p_boots[i], p_lates[i], v_decision, now() + p_ring_ttl);
+            IF v_refusal IS NOT NULL THEN
+                v_refused := v_refused || (v_refusal ->> 'counter');
+            END IF;
         ELSE
             v_decision := jsonb_build_object('action', 'relay', 'legs', v_rung);
             IF v_shadow IS NOT NULL THEN
@@ -524,9 +528,12 @@ BEGIN
         v_out[i] := v_decision;
     END LOOP;
 
-    -- 5. The counters and the buckets, once for the batch.
+    -- 5. The counters, the buckets and the refusals, once for the batch.
     PERFORM apply_counters(v_acquired, 1);
     PERFORM store_cps(v_cps);
+    IF cardinality(v_refused) > 0 THEN
+        PERFORM count_refusals(v_refused);
+    END IF;
     RETURN v_out::text[];
 END $$;
 
