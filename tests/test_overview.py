@@ -177,3 +177,42 @@ async def test_page_files_are_served_with_a_strict_policy(database_url: str) -> 
         # Nothing the page loads comes from elsewhere (it works without a network).
         js = (await (await sc.session.get(f"{sc.base_url}/ui/app.js")).text())
         assert "http://" not in js and "https://" not in js and "innerHTML" not in js
+
+
+async def test_ten_thousand_accounts_one_page_at_a_time(database_url: str) -> None:
+    """5 providers, 200 organizations, 10,000 users: a page is 25 rows, the busiest first,
+    and the search and the subtree narrow it in the database (times printed, not asserted)."""
+    import time
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("""
+            INSERT INTO accounts (id, parent, calls_limit)
+            SELECT 'prov' || i, NULL, 2000 FROM generate_series(1, 5) i;
+            INSERT INTO accounts (id, parent, calls_limit)
+            SELECT 'org' || i, 'prov' || (1 + i % 5), 100 FROM generate_series(1, 200) i;
+            INSERT INTO accounts (id, name, parent, calls_limit)
+            SELECT 'user' || i, 'User ' || i, 'org' || (1 + i % 200), 4
+            FROM generate_series(1, 10000) i;
+            -- Counters set by hand (no call rows): only what the page reads is under test.
+            UPDATE accounts SET calls_active = 3 WHERE id IN ('user77', 'user5000');
+            UPDATE accounts SET calls_active = 4 WHERE id = 'user9999';""")
+    finally:
+        await conn.close()
+    async with running_sidecar(database_url) as sc:
+        started = time.perf_counter()
+        status, page = await sc.request("GET", "/v1/usage/accounts?limit=25")
+        first = time.perf_counter() - started
+        assert status == 200 and page["total"] == 10205 and len(page["accounts"]) == 25
+        assert [a["id"] for a in page["accounts"][:3]] == ["user9999", "user5000", "user77"]
+        assert page["accounts"][0]["path"] == ["prov1", "org200", "user9999"]
+
+        status, found = await sc.request("GET", "/v1/usage/accounts?q=user500&limit=25")
+        assert found["total"] == 11  # user500, user5000 to user5009
+        assert found["accounts"][0]["id"] == "user5000"
+        status, sub = await sc.request("GET", "/v1/usage/accounts?under=org200&limit=25")
+        assert sub["total"] == 51 and sub["accounts"][0]["id"] == "user9999"
+        assert sub["under_path"] == ["prov1", "org200"]
+        status, last = await sc.request("GET", "/v1/usage/accounts?limit=25&offset=10200")
+        assert len(last["accounts"]) == 5
+        print(f"10,205 accounts: first page in {first * 1000:.0f} ms")
