@@ -5,12 +5,24 @@ from __future__ import annotations
 import hmac
 import logging
 from datetime import timedelta
+from typing import Any
 
+import orjson
 from aiohttp import web
 
 from . import config_doc, db
 from .errors import ApiError
-from .jsonio import parse, read_body, respond
+from .jsonio import (
+    compile_schema,
+    config_def,
+    integral,
+    load,
+    problems,
+    query_schema,
+    read_body,
+    read_query,
+    respond,
+)
 from .state import METRICS, POOL, SETTINGS
 from .usage import active_calls, usage
 
@@ -27,18 +39,61 @@ def require_token(request: web.Request) -> None:
         or scheme.lower() != "bearer"
         or not hmac.compare_digest(given.strip().encode(), expected.encode())
     ):
-        raise ApiError(401, "unauthorized", "missing or wrong bearer token")
+        raise ApiError(
+            401,
+            "unauthorized",
+            "missing or wrong bearer token",
+            headers={"WWW-Authenticate": 'Bearer realm="sidecar"'},
+        )
 
 
-def text_param(value: str | None, what: str) -> str | None:
-    """A query or path value bound for PostgreSQL text, which cannot hold NUL."""
-    if value is not None and ("\x00" in value or len(value) > 4096):
-        raise ApiError(400, "invalid_query", f"{what} is not a valid value")
-    return value
+MAX_CALLS_PAGE = 1000
+_TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}  # PostgreSQL text cannot hold NUL
+
+# The query of each operation, checked by the handler (read_query) and listed as its parameters
+# by the OpenAPI document: one table for both.
+CONFIG_QUERY = query_schema({})
+PUT_CONFIG_QUERY = query_schema(
+    {
+        "dry_run": {
+            "enum": ["1", "true", "yes", "0", "false", "no"],
+            "description": "1, true or yes: check and apply, then roll back",
+        }
+    }
+)
+USAGE_QUERY = query_schema({})
+CALLS_QUERY = query_schema(
+    {
+        "limit": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_CALLS_PAGE,
+            "default": 100,
+            "description": "page size",
+        },
+        "state": {"enum": ["ringing", "answered"], "description": "only calls in this state"},
+        "account": {**config_def("ident"), "description": "calls holding a slot of this account"},
+        "channel": {**config_def("ident"), "description": "calls holding a slot of this channel"},
+        "after": {
+            **_TEXT,
+            "minLength": 1,
+            "maxLength": 16384,
+            "description": "the previous page's `next` (a JSON array), or a Call-ID: the calls "
+            "after it",
+        },
+    }
+)
+# A call is named as Kamailio named it to admit it.
+CALL_ID = load("admit")["properties"]["call_id"]
+FROM_TAG = load("admit")["properties"]["from_tag"]
+RELEASE_QUERY = query_schema(
+    {"from_tag": {**FROM_TAG, "description": "only the call with this From-tag"}}
+)
 
 
 async def get_config(request: web.Request) -> web.Response:
     require_token(request)
+    read_query(request, CONFIG_QUERY)
     async with request.app[POOL].acquire() as conn:
         return respond(await config_doc.export(conn))
 
@@ -46,11 +101,11 @@ async def get_config(request: web.Request) -> web.Response:
 async def put_config(request: web.Request) -> web.Response:
     require_token(request)
     settings = request.app[SETTINGS]
-    doc = await read_body(request, "config", settings.max_body_bytes)
+    dry_run = read_query(request, PUT_CONFIG_QUERY).get("dry_run") in ("1", "true", "yes")
+    doc = integral(await read_body(request, "config", settings.max_body_bytes))
     found = config_doc.check(doc)
     if found:
         raise ApiError(422, "invalid_config", f"{found[0]['path']}: {found[0]['reason']}", found)
-    dry_run = request.query.get("dry_run", "").lower() in ("1", "true", "yes")
     async with request.app[POOL].acquire() as conn:
         tr = conn.transaction()
         await tr.start()
@@ -69,48 +124,49 @@ async def put_config(request: web.Request) -> web.Response:
 
 async def get_usage(request: web.Request) -> web.Response:
     require_token(request)
+    read_query(request, USAGE_QUERY)
     return respond(await usage(request.app[POOL]))
 
 
 async def get_calls(request: web.Request) -> web.Response:
     require_token(request)
-    q = request.query
-    try:
-        limit = min(max(int(q.get("limit", "100")), 1), 1000)
-    except ValueError as exc:
-        raise ApiError(400, "invalid_query", "limit must be an integer") from exc
-    state = q.get("state")
-    if state not in (None, "ringing", "answered"):
-        raise ApiError(400, "invalid_query", "state must be ringing or answered")
-    after = None
-    if "after" in q:
-        raw = text_param(q["after"], "after") or ""
-        cursor = parse(raw.encode()) if raw.startswith("[") else [raw, None]
-        if (
-            not isinstance(cursor, list)
-            or len(cursor) != 2
-            or not isinstance(cursor[0], str)
-            or not isinstance(cursor[1], str | None)
-            or "\x00" in "".join(c for c in cursor if c)
-        ):
-            raise ApiError(400, "invalid_query", "after must be a Call-ID or a `next` value")
-        after = (cursor[0], cursor[1])
+    q = read_query(request, CALLS_QUERY)
+    limit = q.get("limit", 100)
     calls = await active_calls(
         request.app[POOL],
-        state=state,
-        account=text_param(q.get("account"), "account"),
-        channel=text_param(q.get("channel"), "channel"),
-        after=after,
+        state=q.get("state"),
+        account=q.get("account"),
+        channel=q.get("channel"),
+        after=_cursor(q["after"]) if "after" in q else None,
         limit=limit,
     )
     nxt = [calls[-1]["call_id"], calls[-1]["from_tag"]] if len(calls) == limit else None
     return respond({"calls": calls, "next": nxt})
 
 
+def _cursor(after: str) -> tuple[str, str | None]:
+    """`after`: a page's `next` ([Call-ID, From-tag] as JSON), else a Call-ID."""
+    if after.startswith("["):
+        try:
+            cursor: Any = orjson.loads(after)
+        except orjson.JSONDecodeError:
+            cursor = None
+        if (
+            isinstance(cursor, list)
+            and len(cursor) == 2
+            and all(isinstance(c, str | None) and "\x00" not in (c or "") for c in cursor)
+            and cursor[0] is not None
+        ):
+            return cursor[0], cursor[1]
+    return after, None
+
+
 async def delete_call(request: web.Request) -> web.Response:
     require_token(request)
-    call_id = text_param(request.match_info["call_id"], "call_id") or ""
-    from_tag = text_param(request.query.get("from_tag"), "from_tag")
+    from_tag = read_query(request, RELEASE_QUERY).get("from_tag")
+    call_id = request.match_info["call_id"]
+    if problems(_CALL_ID_CHECK, call_id):  # no call can have this Call-ID
+        raise ApiError(404, "not_found", f"no active call {call_id!r}")
     async with db.counters_locked(request.app[POOL]) as conn:
         released = await conn.fetchval(
             "SELECT release($1, $2, 'admin', $3)",
@@ -123,6 +179,9 @@ async def delete_call(request: web.Request) -> web.Response:
     request.app[METRICS].releases.labels("admin").inc()
     log.info("force-released", extra={"call_id": call_id})
     return respond({"ok": True, "released": released})
+
+
+_CALL_ID_CHECK = compile_schema(CALL_ID)
 
 
 def add_routes(app: web.Application) -> None:

@@ -116,6 +116,11 @@ def _is_number(value: str) -> bool:
     return 0 < len(stripped) <= 32 and all(c in "0123456789*#" for c in stripped)
 
 
+def _networks(values: list[str]) -> list[str]:
+    """Sources as PostgreSQL's cidr takes them: host bits cleared (10.0.0.1/8 is 10.0.0.0/8)."""
+    return [str(ipaddress.ip_network(v, strict=False)) for v in values]
+
+
 def _cidr_problem(path: str, value: str) -> list[Problem]:
     try:
         ipaddress.ip_network(value, strict=False)
@@ -191,7 +196,7 @@ async def apply(conn: asyncpg.Connection, doc: dict[str, Any], realm: str) -> di
                 c["id"],
                 c.get("name"),
                 _limit(c, "calls"),
-                c.get("sources", []),
+                _networks(c.get("sources", [])),
                 c.get("gateway"),
                 c.get("prefixes", []),
                 c.get("priority", 0),
@@ -214,7 +219,7 @@ async def apply(conn: asyncpg.Connection, doc: dict[str, Any], realm: str) -> di
                 e.get("name"),
                 ha1(e["id"], realm, e["password"]) if "password" in e else e.get("ha1"),
                 e.get("contact"),
-                e.get("sources", []),
+                _networks(e.get("sources", [])),
                 e.get("forward", []),
                 bool(e.get("ring_self", False)),
             )

@@ -396,8 +396,9 @@ def parse_dialogs(items: list[Any]) -> Dialogs:
         key = "call_id" if "call_id" in item else "call-id"
         if key not in item:
             raise _bad_dialog(i, "", "has neither call_id nor call-id")
-        if not _text(item, key, 2048) or not item[key]:
-            raise _bad_dialog(i, key, "is not a string of 1 to 2048 characters without NUL")
+        for name in ("call_id", "call-id"):  # both checked when both are given
+            if name in item and (not _text(item, name, 2048) or not item[name]):
+                raise _bad_dialog(i, name, "is not a string of 1 to 2048 characters without NUL")
         if "from_tag" in item and not _text(item, "from_tag", 512):
             raise _bad_dialog(i, "from_tag", "is not a string of at most 512 characters")
         state = item.get("state")

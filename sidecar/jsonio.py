@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any, cast
@@ -32,12 +33,49 @@ def _registry() -> referencing.Registry[Any]:
 
 
 @cache
+def load(name: str) -> dict[str, Any]:
+    """sidecar/schemas/<name>.schema.json, parsed once."""
+    schema: dict[str, Any] = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
+    return schema
+
+
+def config_def(name: str) -> dict[str, Any]:
+    """One of config.schema.json's `$defs` (ident, phone_number...), inline."""
+    schema: dict[str, Any] = load("config")["$defs"][name]
+    return schema
+
+
+@cache
+def _regex(pattern: str) -> re.Pattern[str]:
+    # JSON Schema patterns are ECMA-262 regular expressions, where `$` is the end of the input;
+    # in Python's re it also matches before a final newline, so "acme\n" would pass ^...$.
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.compile(pattern)
+
+
+def _pattern(
+    validator: Any, pattern: str, instance: Any, schema: Mapping[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    if validator.is_type(instance, "string") and not _regex(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def compile_schema(schema: Mapping[str, Any]) -> jsonschema.protocols.Validator:
+    """A validator for a schema (checked first), resolving references to sidecar/schemas."""
+    base = jsonschema.validators.validator_for(schema)
+    base.check_schema(schema)
+    cls = jsonschema.validators.extend(base, {"pattern": _pattern})
+    return cast(
+        jsonschema.protocols.Validator,
+        cls(schema, registry=_registry(), format_checker=base.FORMAT_CHECKER),
+    )
+
+
+@cache
 def validator(name: str) -> jsonschema.protocols.Validator:
     """The validator for sidecar/schemas/<name>.schema.json (loaded once)."""
-    schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
-    cls = jsonschema.validators.validator_for(schema)
-    cls.check_schema(schema)
-    return cls(schema, registry=_registry(), format_checker=cls.FORMAT_CHECKER)
+    return compile_schema(load(name))
 
 
 def json_path(parts: Any) -> str:
@@ -47,13 +85,78 @@ def json_path(parts: Any) -> str:
     return path
 
 
-def problems(name: str, document: Any) -> list[dict[str, str]]:
+def problems(
+    name: str | jsonschema.protocols.Validator, document: Any
+) -> list[dict[str, str]]:
     """Every schema violation as {"path": "$.a[0].b", "reason": "..."}, sorted by path."""
+    checker = validator(name) if isinstance(name, str) else name
     found = [
-        {"path": json_path(err.absolute_path), "reason": err.message}
-        for err in validator(name).iter_errors(document)
+        {"path": json_path(err.absolute_path), "reason": _reason(err)}
+        for err in checker.iter_errors(document)
     ]
     return sorted(found, key=lambda p: p["path"])
+
+
+def _reason(err: jsonschema.ValidationError) -> str:
+    """jsonschema's message; for a choice of forms that has a description (an IP address or
+    network...), what the value is not, rather than "not valid under any of the given schemas"."""
+    described = isinstance(err.schema, dict) and err.schema.get("description")
+    if err.validator in ("anyOf", "oneOf") and described:
+        return f"{err.instance!r} is not {described}"
+    return str(err.message)
+
+
+def integral(document: Any) -> Any:
+    """The document with every float that is a whole number as an int: JSON Schema's
+    "integer" admits 3.0, and PostgreSQL's integer columns want 3."""
+    if isinstance(document, float) and document.is_integer():
+        return int(document)
+    if isinstance(document, dict):
+        return {k: integral(v) for k, v in document.items()}
+    if isinstance(document, list):
+        return [integral(v) for v in document]
+    return document
+
+
+def query_schema(properties: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of an operation's query: the parameters it takes and nothing else.
+    The handler checks the query against it (read_query) and the OpenAPI document lists
+    its properties as the operation's parameters."""
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def read_query(request: web.Request, schema: dict[str, Any]) -> dict[str, Any]:
+    """The query parameters as an object checked against `schema` (query_schema): integer
+    parameters converted, a parameter given twice or not in the schema refused. A problem is
+    a 400 `invalid_query` whose path names the parameter (`query.limit`)."""
+    props = schema["properties"]
+    out: dict[str, Any] = {}
+    for name in request.query:
+        values = request.query.getall(name)
+        if len(values) > 1:
+            _bad_query(name, "given more than once")
+        if name not in props:
+            _bad_query(name, f"unknown query parameter (known: {', '.join(sorted(props))})")
+        value: Any = values[0]
+        if props[name].get("type") == "integer" and re.fullmatch(r"-?[0-9]{1,18}", value):
+            value = int(value)
+        out[name] = value
+    found = problems(_query_validator(json.dumps(schema, sort_keys=True)), out)
+    if found:
+        first = found[0]
+        name = first["path"][2:] or next(iter(out))
+        _bad_query(name, first["reason"])
+    return out
+
+
+@cache
+def _query_validator(schema: str) -> jsonschema.protocols.Validator:
+    return compile_schema(json.loads(schema))
+
+
+def _bad_query(name: str, reason: str) -> None:
+    path = f"query.{name}"
+    raise ApiError(400, "invalid_query", f"{path}: {reason}", [{"path": path, "reason": reason}])
 
 
 def parse(raw: bytes | bytearray) -> Any:
@@ -73,23 +176,23 @@ FAST_SCHEMAS = frozenset({"admit", "answer", "release", "events"})
 def fast_validator(name: str) -> Callable[[Any], Any] | None:
     if name not in FAST_SCHEMAS:
         return None
-    schema = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
-    return cast(Callable[[Any], Any], fastjsonschema.compile(schema))
+    return cast(Callable[[Any], Any], fastjsonschema.compile(load(name)))
 
 
 def check(name: str, document: Any) -> Any:
+    """The document once it matches the schema (whole floats as ints), else a 400."""
     fast = fast_validator(name)
     if fast is not None:
         try:
             fast(document)
-            return document
+            return integral(document)
         except fastjsonschema.JsonSchemaException:
             pass  # jsonschema below says what is wrong, with every path
     found = problems(name, document)
     if found:
         first = found[0]
         raise ApiError(400, "invalid_body", f"{first['path']}: {first['reason']}", found)
-    return document
+    return integral(document)
 
 
 async def read_body(request: web.Request, schema: str, max_bytes: int) -> Any:

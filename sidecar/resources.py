@@ -10,18 +10,23 @@ same JSON shape as the matching item of the configuration document (config.schem
     PATCH  /v1/<kind>/{key}                JSON merge patch (RFC 7396) of the item; 200
     DELETE /v1/<kind>/{key}                204; 409 naming what still refers to it
 
-Shape problems are 400 (`invalid_body`, each with its JSON path); references that do not hold
-(an unknown parent or account, a loop in the account tree) are 422 (`invalid_reference`, with
-the path). The database's constraints stay the last guard (a race ends as a 409).
+Shape problems are 400 (`invalid_body`, each with its JSON path): the body breaks the JSON
+Schema the OpenAPI document shows (a PATCH body: the merge patch schema derived from it). What
+only the stored state decides is a 409 naming the path and the reason: a reference that does not
+hold (`invalid_reference`: an unknown parent or account, a loop in the account tree), a body
+that names another key than the URL (`key_mismatch`), a patch that would leave an invalid item
+(`invalid_result`), something still referring to what is deleted (`still_referenced`). The
+database's constraints stay the last guard (a race ends as a 409 too).
 """
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import asyncpg
@@ -30,7 +35,16 @@ from aiohttp import web
 from . import config_doc
 from .admin import require_token
 from .errors import ApiError
-from .jsonio import parse, respond
+from .jsonio import (
+    compile_schema,
+    config_def,
+    integral,
+    load,
+    parse,
+    query_schema,
+    read_query,
+    respond,
+)
 from .jsonio import problems as schema_problems
 from .state import POOL, SETTINGS
 
@@ -66,6 +80,12 @@ def merge_patch(target: Any, patch: Any) -> Any:
 def _net(value: Any) -> str:
     net = ipaddress.ip_network(str(value), strict=False)
     return str(net.network_address) if net.num_addresses == 1 else str(net)
+
+
+def _networks(item: Item) -> list[str]:
+    """The sources as PostgreSQL's cidr takes them: host bits cleared (10.0.0.1/8 is
+    10.0.0.0/8); the schema has made sure each is an address or a network."""
+    return [str(ipaddress.ip_network(s, strict=False)) for s in item.get("sources", [])]
 
 
 def _limit(item: Item, key: str) -> int | None:
@@ -132,7 +152,7 @@ def _extension_row(item: Item, realm: str) -> Item:
         "name": item.get("name"),
         "ha1": ha1,
         "contact": item.get("contact"),
-        "sources": item.get("sources", []),
+        "sources": _networks(item),
         "forward": item.get("forward", []),
         "ring_self": bool(item.get("ring_self", False)),
     }
@@ -167,7 +187,7 @@ def _channel_row(item: Item, realm: str) -> Item:
         "calls_limit": _limit(item, "calls"),
         "cps_limit": _limit(item, "cps"),
         "cps_burst": _limit(item, "cps_burst"),
-        "sources": item.get("sources", []),
+        "sources": _networks(item),
         "gateway": item.get("gateway"),
         "prefixes": item.get("prefixes", []),
         "priority": item.get("priority", 0),
@@ -180,18 +200,6 @@ def _channel_row(item: Item, realm: str) -> Item:
 def _is_number(value: str) -> bool:
     stripped = value[1:] if value.startswith("+") else value
     return 0 < len(stripped) <= 32 and all(c in "0123456789*#" for c in stripped)
-
-
-def _cidr_problems(item: Item) -> list[Problem]:
-    found = []
-    for i, src in enumerate(item.get("sources", [])):
-        try:
-            ipaddress.ip_network(src, strict=False)
-        except ValueError as exc:
-            found.append(
-                {"path": f"$.sources[{i}]", "reason": f"not an IP address or network: {exc}"}
-            )
-    return found
 
 
 async def _account_refs(conn: asyncpg.Connection, item: Item) -> list[Problem]:
@@ -219,7 +227,7 @@ async def _account_refs(conn: asyncpg.Connection, item: Item) -> list[Problem]:
 
 
 async def _extension_refs(conn: asyncpg.Connection, item: Item) -> list[Problem]:
-    found = _cidr_problems(item)
+    found = []
     if not await conn.fetchval("SELECT true FROM accounts WHERE id = $1", item["account"]):
         found.append({"path": "$.account", "reason": f"unknown account {item['account']!r}"})
     targets = item.get("forward", [])
@@ -251,16 +259,8 @@ async def _number_refs(conn: asyncpg.Connection, item: Item) -> list[Problem]:
     return [{"path": "$.extension", "reason": f"unknown extension {item['extension']!r}"}]
 
 
-async def _channel_refs(conn: asyncpg.Connection, item: Item) -> list[Problem]:
-    found = _cidr_problems(item)
-    if item.get("prefixes") and not item.get("gateway"):
-        found.append(
-            {
-                "path": "$.gateway",
-                "reason": "a channel with prefixes needs a gateway for outbound calls",
-            }
-        )
-    return found
+async def _no_refs(conn: asyncpg.Connection, item: Item) -> list[Problem]:
+    return []  # a channel refers to nothing
 
 
 Referrer = dict[str, str]
@@ -311,6 +311,59 @@ async def _no_referrers(conn: asyncpg.Connection, key: str) -> list[Referrer]:
     return []
 
 
+# --- schemas --------------------------------------------------------------------------------
+
+CONFIG_ID = load("config")["$id"]
+
+
+def absolute(node: Any) -> Any:
+    """A piece of config.schema.json with its `#/$defs/...` references made absolute, so that
+    it validates on its own (and the OpenAPI document maps them to its components)."""
+    if isinstance(node, dict):
+        return {
+            k: CONFIG_ID + v if k == "$ref" and isinstance(v, str) and v.startswith("#") else
+            absolute(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [absolute(v) for v in node]
+    return node
+
+
+def merge_patch_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a JSON merge patch (RFC 7396) of objects of `schema`: every member may be
+    left out, an optional one may be null (removed), a nested object is a patch itself, and
+    members that cannot go together (`not: {required: [...]}`) cannot be set together. What
+    depends on the stored item (a channel's prefixes need its gateway) is checked on the
+    result (a 409)."""
+    if schema.get("type") != "object" or "properties" not in schema:
+        return copy.deepcopy(schema)
+    required = set(schema.get("required", []))
+    props = {}
+    for name, sub in schema["properties"].items():
+        props[name] = merge_patch_schema(sub) if name in required else _nullable(sub)
+    out: dict[str, Any] = {"type": "object", "properties": props}
+    if "additionalProperties" in schema:
+        out["additionalProperties"] = schema["additionalProperties"]
+    together = schema.get("not", {}).get("required")
+    if together and set(schema["not"]) == {"required"}:
+        out["not"] = {
+            "required": together,
+            "properties": {n: {"not": {"type": "null"}} for n in together},
+        }
+    return out
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """The member's patch, or null (so that an error still names the member's own path)."""
+    patch = merge_patch_schema(schema)
+    kind = patch.get("type")
+    if kind is not None and not {"enum", "const"} & set(patch):
+        patch["type"] = sorted({*([kind] if isinstance(kind, str) else kind), "null"})
+        return patch
+    return {"anyOf": [patch, {"type": "null"}]}
+
+
 # --- the table of kinds -------------------------------------------------------------------
 
 
@@ -327,9 +380,53 @@ class Kind:
     check_refs: Callable[[asyncpg.Connection, Item], Awaitable[list[Problem]]]
     referrers: Callable[[asyncpg.Connection, str], Awaitable[list[Referrer]]]
 
-    @property
-    def key_pattern(self) -> str:
-        return r"^\+?[0-9*#]{1,32}$" if self.key == "number" else r'^[^\s:@;<>"\\/?]{1,128}$'
+    @cached_property
+    def key_schema(self) -> dict[str, Any]:
+        """What a key may be: config.schema.json's, for the URL and `after`."""
+        return config_def("phone_number" if self.key == "number" else "ident")
+
+    @cached_property
+    def schema(self) -> dict[str, Any]:
+        """The item's schema, sidecar/schemas/<singular>.schema.json resolved one level."""
+        return absolute(load("config")["$defs"][self.singular])
+
+    @cached_property
+    def patch_schema(self) -> dict[str, Any]:
+        """What a PATCH body may be: the merge patch schema of the item's."""
+        return merge_patch_schema(self.schema)
+
+    @cached_property
+    def query(self) -> dict[str, Any]:
+        """The list's query parameters, for the handler and the OpenAPI document."""
+        return query_schema(
+            {
+                "limit": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_PAGE,
+                    "default": DEFAULT_PAGE,
+                    "description": "page size",
+                },
+                "after": {
+                    **self.key_schema,
+                    "description": f"the previous page's `next`: the {self.name} after this "
+                    f"{self.key}",
+                },
+                **{
+                    f: {**config_def("ident"), "description": f"only the {self.name} whose "
+                        f"{f} is this"}
+                    for f in self.filters
+                },
+            }
+        )
+
+    @cached_property
+    def key_validator(self) -> Any:
+        return compile_schema(self.key_schema)
+
+    @cached_property
+    def patch_validator(self) -> Any:
+        return compile_schema(self.patch_schema)
 
     def upsert_sql(self) -> str:
         cols = ", ".join(self.columns)
@@ -394,7 +491,7 @@ KINDS: dict[str, Kind] = {
             (),
             _channel_item,
             _channel_row,
-            _channel_refs,
+            _no_refs,
             _no_referrers,
         ),
     )
@@ -402,13 +499,6 @@ KINDS: dict[str, Kind] = {
 
 
 # --- handlers -----------------------------------------------------------------------------
-
-
-def _clean(value: str, what: str) -> str:
-    """Query values and URL keys reach PostgreSQL as text, which cannot hold NUL."""
-    if "\x00" in value or len(value) > 2048:
-        raise ApiError(400, "invalid_query", f"{what} is not a valid value")
-    return value
 
 
 async def _body(request: web.Request) -> Item:
@@ -424,7 +514,7 @@ async def _body(request: web.Request) -> Item:
     raw = await request.content.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")
-    doc = parse(raw)
+    doc = integral(parse(raw))
     if not isinstance(doc, dict):
         raise ApiError(
             400,
@@ -435,17 +525,16 @@ async def _body(request: web.Request) -> Item:
     return doc
 
 
-def _check_shape(kind: Kind, item: Item) -> None:
-    found = schema_problems(kind.singular, item)
+def _problems(found: list[Problem], status: int = 400, code: str = "invalid_body") -> None:
     if found:
         first = found[0]
-        raise ApiError(400, "invalid_body", f"{first['path']}: {first['reason']}", found)
+        raise ApiError(status, code, f"{first['path']}: {first['reason']}", found)
 
 
 def _url_key(request: web.Request, kind: Kind, *, existing: bool = True) -> str:
     """The key from the URL; a key that cannot exist is a 404 (PUT's shape check says why)."""
-    key = _clean(request.match_info[kind.key], kind.key)
-    if existing and not re.match(kind.key_pattern, key):
+    key = request.match_info[kind.key]
+    if existing and schema_problems(kind.key_validator, key):
         raise _not_found(kind, key)
     return key
 
@@ -454,22 +543,22 @@ def _not_found(kind: Kind, key: str) -> ApiError:
     return ApiError(404, "not_found", f"no {kind.singular} {key!r}")
 
 
+def _same_key(kind: Kind, key: str, body: Item) -> None:
+    """A body may repeat the URL's key, not name another item: 409 (it is not this one)."""
+    if kind.key in body and body[kind.key] != key:
+        raise ApiError(
+            409,
+            "key_mismatch",
+            f"$.{kind.key}: {body[kind.key]!r} differs from the URL's {key!r}",
+            [{"path": f"$.{kind.key}", "reason": f"differs from the URL's {key!r}"}],
+        )
+
+
 async def _write(
     request: web.Request, kind: Kind, conn: asyncpg.Connection, key: str, item: Item
 ) -> tuple[bool, Item]:
-    """Check an item (shape, then references) and store it. The caller holds a transaction."""
-    item = {kind.key: key, **item}
-    _check_shape(kind, item)
-    if item[kind.key] != key:
-        raise ApiError(
-            422,
-            "key_mismatch",
-            f"$.{kind.key}: {item[kind.key]!r} differs from the URL's {key!r}",
-            [{"path": f"$.{kind.key}", "reason": f"differs from the URL's {key!r}"}],
-        )
-    found = await kind.check_refs(conn, item)
-    if found:
-        raise ApiError(422, "invalid_reference", f"{found[0]['path']}: {found[0]['reason']}", found)
+    """Store a checked item once its references hold. The caller holds a transaction."""
+    _problems(await kind.check_refs(conn, item), 409, "invalid_reference")
     row = kind.to_row(item, request.app[SETTINGS].sip_realm)
     created = await conn.fetchval(kind.upsert_sql(), *(row[c] for c in kind.columns))
     stored = await conn.fetchrow(f"SELECT * FROM {kind.name} WHERE {kind.key} = $1::text", key)
@@ -478,22 +567,13 @@ async def _write(
 
 async def list_items(request: web.Request, kind: Kind) -> web.Response:
     require_token(request)
-    q = request.query
-    unknown = sorted(set(q) - {"limit", "after", *kind.filters})
-    if unknown:
-        raise ApiError(400, "invalid_query", f"unknown query parameter {unknown[0]!r}")
-    try:
-        limit = int(q.get("limit", str(DEFAULT_PAGE)))
-    except ValueError as exc:
-        raise ApiError(400, "invalid_query", "limit must be an integer") from exc
-    if not 1 <= limit <= MAX_PAGE:
-        raise ApiError(400, "invalid_query", f"limit must be between 1 and {MAX_PAGE}")
-    after = _clean(q["after"], "after") if "after" in q else None
-    args: list[Any] = [after]
+    q = read_query(request, kind.query)
+    limit = q.get("limit", DEFAULT_PAGE)
+    args: list[Any] = [q.get("after")]
     where = [f"($1::text IS NULL OR {kind.key} > $1)"]
     for column in kind.filters:
         if column in q:
-            args.append(_clean(q[column], column))
+            args.append(q[column])
             where.append(f"{column} = ${len(args)}::text")
     args.append(limit + 1)
     rows = await request.app[POOL].fetch(
@@ -521,8 +601,11 @@ async def put_item(request: web.Request, kind: Kind) -> web.Response:
     require_token(request)
     key = _url_key(request, kind, existing=False)
     body = await _body(request)
+    item = {kind.key: key, **body}
+    _problems(schema_problems(kind.singular, item))
+    _same_key(kind, key, body)
     async with request.app[POOL].acquire() as conn, conn.transaction():
-        created, item = await _write(request, kind, conn, key, body)
+        created, item = await _write(request, kind, conn, key, item)
     log.info(
         f"{kind.singular} {'created' if created else 'replaced'}",
         extra={"kind": kind.singular, "key": key},
@@ -534,6 +617,8 @@ async def patch_item(request: web.Request, kind: Kind) -> web.Response:
     require_token(request)
     key = _url_key(request, kind)
     patch = await _body(request)
+    _problems(schema_problems(kind.patch_validator, patch))
+    _same_key(kind, key, patch)
     async with request.app[POOL].acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             f"SELECT * FROM {kind.name} WHERE {kind.key} = $1::text FOR UPDATE", key
@@ -546,7 +631,15 @@ async def patch_item(request: web.Request, kind: Kind) -> web.Response:
             current.pop("ha1", None)
         if patch.get("ha1") is not None:
             current.pop("password", None)
-        _, item = await _write(request, kind, conn, key, merge_patch(current, patch))
+        item = {kind.key: key, **merge_patch(current, patch)}
+        # The patch is well formed; what it makes of this item may still be wrong.
+        found = schema_problems(kind.singular, item)
+        _problems(
+            [{**p, "reason": f"the patched {kind.singular}: {p['reason']}"} for p in found],
+            409,
+            "invalid_result",
+        )
+        _, item = await _write(request, kind, conn, key, item)
     log.info(f"{kind.singular} patched", extra={"kind": kind.singular, "key": key})
     return respond(item)
 

@@ -133,6 +133,13 @@ async def test_config_round_trip_and_errors(database_url: str) -> None:
     async with running_sidecar(database_url, max_body_bytes=2048) as sc:
         status, out = await sc.request("PUT", "/v1/config?dry_run=1", BASE)
         assert status == 200 and out["dry_run"] is True
+        status, out = await sc.request("PUT", "/v1/config?dry_run=maybe", BASE)
+        assert status == 400 and error_of(out)["details"][0]["path"] == "query.dry_run"
+        # Sources with host bits set are networks all the same (PostgreSQL's cidr refuses them).
+        hosts = {"accounts": [{"id": "a"}], "extensions": [{"id": "e", "account": "a",
+                 "sources": ["10.0.0.1/8"]}]}
+        status, out = await sc.request("PUT", "/v1/config?dry_run=true", hosts)
+        assert status == 200, out
         status, doc = await sc.request("GET", "/v1/config")
         assert doc["accounts"] == []
         await sc.put_config(BASE)

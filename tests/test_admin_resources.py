@@ -143,6 +143,9 @@ async def test_put_creates_then_replaces(database_url: str) -> None:
         status, body = await sc.request("PUT", "/v1/channels/c1", chan)
         assert status == 201
         assert body == {"id": "c1", "limits": {"calls": 2}, "sources": ["10.0.0.0/8", "192.0.2.1"]}
+        # Host bits are cleared, as PostgreSQL's cidr wants them.
+        status, body = await sc.request("PUT", "/v1/channels/c2", {"sources": ["10.1.2.3/8"]})
+        assert (status, body["sources"]) == (201, ["10.0.0.0/8"])
 
 
 async def test_patch_is_a_json_merge_patch(database_url: str) -> None:
@@ -180,7 +183,19 @@ async def test_patch_is_a_json_merge_patch(database_url: str) -> None:
         status, body = await sc.request("PATCH", "/v1/accounts/acme", {"limits": {"calls": -1}})
         assert status == 400 and error_of(body)["details"][0]["path"] == "$.limits.calls"
         status, body = await sc.request("PATCH", "/v1/accounts/acme", {"id": "other"})
-        assert status == 422 and error_of(body)["code"] == "key_mismatch"
+        assert status == 409 and error_of(body)["code"] == "key_mismatch"
+        # A well-formed patch whose result is not a valid item: the stored state decides.
+        status, body = await sc.request("PATCH", "/v1/channels/carrier-a", {"gateway": None})
+        err = error_of(body)
+        assert (status, err["code"]) == (409, "invalid_result"), body
+        assert err["details"][0]["path"] == "$" and "gateway" in err["details"][0]["reason"]
+        # A patch that is wrong whatever is stored: its own schema says so.
+        status, body = await sc.request(
+            "PATCH", "/v1/extensions/1001", {"password": "p", "ha1": "0" * 32}
+        )
+        assert status == 400 and error_of(body)["code"] == "invalid_body"
+        status, body = await sc.request("PATCH", "/v1/accounts/acme", {"colour": "red"})
+        assert status == 400 and error_of(body)["details"][0]["path"] == "$"
         status, body = await sc.request("PATCH", "/v1/accounts/nobody", {"name": "x"})
         assert status == 404 and error_of(body)["code"] == "not_found"
 
@@ -232,7 +247,9 @@ async def test_delete_and_references(database_url: str) -> None:
         }
 
 
-async def test_references_that_do_not_hold_are_422(database_url: str) -> None:
+async def test_references_that_do_not_hold_are_409(database_url: str) -> None:
+    """What only the stored configuration decides (the body is schema-valid) is a conflict with
+    it: 409, naming the path and the reason."""
     async with running_sidecar(database_url) as sc:
         await _loaded(sc)
         cases = [
@@ -246,21 +263,13 @@ async def test_references_that_do_not_hold_are_422(database_url: str) -> None:
                 "$.forward[0]",
                 "neither",
             ),
-            (
-                "PUT",
-                "/v1/extensions/e",
-                {"account": "acme", "sources": ["1.2.3.4/99"]},
-                "$.sources[0]",
-                "not an IP",
-            ),
             ("PUT", "/v1/numbers/123", {"extension": "ghost"}, "$.extension", "unknown extension"),
-            ("PUT", "/v1/channels/c", {"prefixes": ["+1"]}, "$.gateway", "needs a gateway"),
             ("PUT", "/v1/accounts/a", {"id": "b"}, "$.id", "differs"),
         ]
         for method, path, body, where, why in cases:
             status, out = await sc.request(method, path, body)
             err = error_of(out)
-            assert status == 422, (path, out)
+            assert status == 409, (path, out)
             assert err["details"][0]["path"] == where, (path, out)
             assert why in err["details"][0]["reason"], (path, out)
         # Nothing was written.
@@ -279,7 +288,11 @@ async def test_bodies_are_checked(database_url: str) -> None:
             ("/v1/channels/c", {"limits": {"calls": -2}}, "$.limits.calls"),
             ("/v1/extensions/e", {"account": "acme", "password": "p", "ha1": "0" * 32}, "$"),
             ("/v1/accounts/a%20b", {}, "$.id"),
+            ("/v1/accounts/a%1Fb", {}, "$.id"),  # a control character is no identifier
             ("/v1/numbers/abc", {"extension": "ivr"}, "$.number"),
+            ("/v1/extensions/e", {"account": "acme", "sources": ["1.2.3.4/99"]}, "$.sources[0]"),
+            ("/v1/extensions/e", {"account": "acme", "forward": ["1001\n"]}, "$.forward[0]"),
+            ("/v1/channels/c", {"prefixes": ["+1"]}, "$"),  # prefixes need a gateway
         ]:
             status, out = await sc.request("PUT", path, body)
             err = error_of(out)
