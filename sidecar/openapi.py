@@ -1,37 +1,44 @@
 """The OpenAPI 3.1 document of the HTTP API, served at GET /openapi.json.
 
-Request bodies are the JSON Schemas of sidecar/schemas (the configuration document's `$defs`
-become components), so the document cannot drift from what the handlers validate;
-tests/test_openapi.py compares its paths and methods with the application's routes.
+Built from what the handlers themselves check and answer, never from lines written beside them:
+
+- request bodies: the JSON Schemas of sidecar/schemas (the configuration document's `$defs`
+  become components); a PATCH body is the merge patch schema derived from the item's;
+- path and query parameters: the query schemas the handlers check the query against
+  (admin.*_QUERY, resources.Kind.query) and the key schemas they check keys against;
+- responses: sidecar/schemas/responses.schema.json, and the one error shape of errors.py.
+
+tests/test_openapi.py compares its operations with the application's routes and runs
+schemathesis with every check against a real sidecar.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from functools import cache
 from typing import Any
 
 from aiohttp import web
 
-from .jsonio import SCHEMA_DIR, respond
-from .resources import KINDS, MAX_PAGE
+from . import admin
+from .jsonio import load, respond
+from .resources import CONFIG_ID, KINDS, Kind
 
 _REF = "#/components/schemas/"
-
-
-def _load(name: str) -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads((SCHEMA_DIR / f"{name}.schema.json").read_text())
-    return schema
+_RESPONSES_ID = load("responses")["$id"]
 
 
 def _rewrite(node: Any) -> Any:
-    """JSON Schema `#/$defs/x` references become OpenAPI `#/components/schemas/x`."""
+    """JSON Schema references (`#/$defs/x`, or absolute to config.schema.json's or
+    responses.schema.json's `$defs`) become OpenAPI's `#/components/schemas/x`."""
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
-            if key == "$ref" and isinstance(value, str) and value.startswith("#/$defs/"):
-                out[key] = _REF + value[len("#/$defs/") :]
+            if key == "$ref" and isinstance(value, str):
+                for prefix in ("#/$defs/", f"{CONFIG_ID}#/$defs/", f"{_RESPONSES_ID}#/$defs/"):
+                    if value.startswith(prefix):
+                        value = _REF + value[len(prefix) :]
+                out[key] = value
             elif key not in ("$schema", "$id", "$defs"):
                 out[key] = _rewrite(value)
         return out
@@ -48,82 +55,101 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, **_json(_ref("Error"))}
-
-
+# Every error the middlewares and handlers answer, in the one shape of errors.py.
 _ERRORS = {
-    "400": "Malformed JSON, a body that breaks the schema, or a bad query parameter",
+    "400": "The body is not JSON or breaks its schema, or a query parameter breaks its own "
+    "(`invalid_json`, `invalid_body`, `invalid_query`); `details` names each path and reason",
     "401": "Missing or wrong bearer token",
     "403": "Not a Kamailio source and no valid control secret",
-    "404": "Unknown object",
-    "409": "Still referenced, or refused by a database constraint",
-    "413": "Body larger than SIDECAR_MAX_BODY_BYTES",
+    "404": "No such item (or a key no item can have)",
+    "405": "Method not allowed here; `Allow` lists the methods that are",
+    "413": "Body larger than the limit (SIDECAR_MAX_BODY_BYTES for the admin API)",
     "415": "Body is not application/json",
-    "422": "A reference that does not hold (unknown parent, loop...)",
-    "503": "PostgreSQL is unreachable",
+    "503": "PostgreSQL is unreachable, or the admission could not be decided in time",
 }
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, **_json(_ref("error"))}
 
 
 def _errors(*codes: str) -> dict[str, Any]:
     return {code: _error(_ERRORS[code]) for code in codes}
 
 
-def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": schema,
-    }
+def _parameters(query: dict[str, Any]) -> list[dict[str, Any]]:
+    """A query schema (jsonio.query_schema) as OpenAPI parameters, one per property."""
+    out = []
+    for name, schema in query["properties"].items():
+        schema = copy.deepcopy(schema)
+        description = schema.pop("description", "")
+        out.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": name in query.get("required", []),
+                "description": description,
+                "schema": schema,
+            }
+        )
+    return out
 
 
-_TEXT = {"type": "string", "maxLength": 256}
-_LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}
 _ADMIN: list[dict[str, Any]] = [{"bearer": []}]
 _CONTROL: list[dict[str, Any]] = [{"controlSecret": []}, {}]
 _OPEN: list[dict[str, Any]] = []
 
 
+def _events() -> dict[str, Any]:
+    """events.schema.json with each event as control.event_list checks it: its `type`, and the
+    members of an admit (which must be late), answer or release body, checked by that body's
+    own schema."""
+    envelope = copy.deepcopy(load("events"))
+    events = envelope["properties"]["events"]
+    variants = []
+    for kind in ("admit", "answer", "release"):
+        body = {k: v for k, v in copy.deepcopy(load(kind)).items() if k != "$schema"}
+        body["properties"] = {"type": {"const": kind}, **body["properties"]}
+        body["required"] = ["type", *body["required"]]
+        if kind == "admit":
+            body["properties"]["late"] = {"const": True}
+            body["required"].append("late")
+        variants.append(body)
+    events["items"] = {"description": events["items"]["description"], "oneOf": variants}
+    return envelope
+
+
 def _components() -> dict[str, Any]:
-    config = _load("config")
+    config = load("config")
     schemas: dict[str, Any] = {name: _rewrite(d) for name, d in config["$defs"].items()}
     schemas["config"] = _rewrite(config)
     for name in ("admit", "answer", "release", "heartbeat"):
-        schemas[name] = _rewrite(_load(name))
-    schemas["Error"] = {
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message", "details"],
-                "properties": {
-                    "code": {"type": "string"},
-                    "message": {"type": "string"},
-                    "details": {"type": "array", "items": {}},
-                },
-            }
-        },
-    }
-    schemas["MergePatch"] = {
-        "type": "object",
-        "description": "JSON merge patch (RFC 7396): members replace, null removes a member. "
-        "The patched object must match the resource's schema.",
-    }
+        schemas[name] = _rewrite(load(name))
+    schemas["events"] = _rewrite(_events())
+    for name, d in load("responses")["$defs"].items():
+        schemas[name] = _rewrite(d)
     for kind in KINDS.values():
-        body = copy.deepcopy(schemas[kind.singular])
+        body = _rewrite(kind.schema)
         body["required"] = [r for r in body.get("required", []) if r != kind.key]
-        body["description"] = f"The {kind.singular}; `{kind.key}` may be left out (the URL's)."
+        body["description"] = (
+            f"The {kind.singular}. `{kind.key}` may be left out: it is the URL's (another is "
+            "a 409 key_mismatch)."
+        )
         schemas[f"{kind.singular}_put"] = body
+        patch = _rewrite(kind.patch_schema)
+        patch["description"] = (
+            f"JSON merge patch (RFC 7396) of the {kind.singular}: members replace, null "
+            "removes a member, objects merge."
+        )
+        schemas[f"{kind.singular}_patch"] = patch
         schemas[f"{kind.singular}_page"] = {
             "type": "object",
+            "additionalProperties": False,
             "required": ["items", "next"],
             "properties": {
                 "items": {"type": "array", "items": _ref(kind.singular)},
                 "next": {
-                    "type": ["string", "null"],
+                    "oneOf": [_rewrite(kind.key_schema), {"type": "null"}],
                     "description": "Pass as `after` for the next page; null on the last.",
                 },
             },
@@ -131,38 +157,44 @@ def _components() -> dict[str, Any]:
     return schemas
 
 
-def _resource_paths() -> dict[str, Any]:
-    paths: dict[str, Any] = {}
-    for kind in KINDS.values():
-        tag = kind.name
-        filters = [
-            _query(f, f"only the {kind.name} whose {f} is this", _TEXT) for f in kind.filters
-        ]
-        paths[f"/v1/{kind.name}"] = {
+def _resource_paths(kind: Kind) -> dict[str, Any]:
+    tag = kind.name
+    key_param = {
+        "name": kind.key,
+        "in": "path",
+        "required": True,
+        "description": f"the {kind.singular}'s {kind.key}",
+        "schema": _rewrite(kind.key_schema),
+    }
+    item = _json(_ref(kind.singular))
+    # What the stored item's key leads to (schemathesis' stateful phase follows these).
+    links = {
+        f"{verb}_{kind.singular}": {
+            "operationId": f"{verb}_{kind.singular}",
+            "parameters": {kind.key: f"$response.body#/{kind.key}"},
+        }
+        for verb in ("get", "patch", "delete")
+    }
+    stored = {**item, "links": links}
+    refs = (
+        "A reference the stored configuration does not hold (`invalid_reference`: an unknown "
+        "parent, account, extension or forward target, a loop in the account tree)"
+    )
+    return {
+        f"/v1/{kind.name}": {
             "get": {
                 "operationId": f"list_{kind.name}",
                 "summary": f"List {kind.name}, ordered by {kind.key}",
                 "tags": [tag],
                 "security": _ADMIN,
-                "parameters": [
-                    _query("limit", "page size (default 100)", _LIMIT),
-                    _query("after", f"the `next` of the previous page (a {kind.key})", _TEXT),
-                    *filters,
-                ],
+                "parameters": _parameters(kind.query),
                 "responses": {
                     "200": {"description": "One page", **_json(_ref(f"{kind.singular}_page"))},
-                    **_errors("400", "401"),
+                    **_errors("400", "401", "503"),
                 },
             }
-        }
-        key_param = {
-            "name": kind.key,
-            "in": "path",
-            "required": True,
-            "schema": {"type": "string", "maxLength": 256},
-        }
-        item = _json(_ref(kind.singular))
-        paths[f"/v1/{kind.name}/{{{kind.key}}}"] = {
+        },
+        f"/v1/{kind.name}/{{{kind.key}}}": {
             "parameters": [key_param],
             "get": {
                 "operationId": f"get_{kind.singular}",
@@ -171,7 +203,7 @@ def _resource_paths() -> dict[str, Any]:
                 "security": _ADMIN,
                 "responses": {
                     "200": {"description": f"The {kind.singular}", **item},
-                    **_errors("401", "404"),
+                    **_errors("401", "404", "503"),
                 },
             },
             "put": {
@@ -181,9 +213,14 @@ def _resource_paths() -> dict[str, Any]:
                 "security": _ADMIN,
                 "requestBody": {"required": True, **_json(_ref(f"{kind.singular}_put"))},
                 "responses": {
-                    "200": {"description": "Replaced", **item},
-                    "201": {"description": "Created", **item},
-                    **_errors("400", "401", "409", "413", "415", "422"),
+                    "200": {"description": "Replaced", **stored},
+                    "201": {"description": "Created", **stored},
+                    **_errors("400", "401"),
+                    "409": _error(
+                        f"{refs}; or the body's `{kind.key}` differs from the URL's "
+                        "(`key_mismatch`)"
+                    ),
+                    **_errors("413", "415", "503"),
                 },
             },
             "patch": {
@@ -194,30 +231,40 @@ def _resource_paths() -> dict[str, Any]:
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "application/merge-patch+json": {"schema": _ref("MergePatch")},
-                        "application/json": {"schema": _ref("MergePatch")},
+                        "application/merge-patch+json": {"schema": _ref(f"{kind.singular}_patch")},
+                        "application/json": {"schema": _ref(f"{kind.singular}_patch")},
                     },
                 },
                 "responses": {
                     "200": {"description": "Changed", **item},
-                    **_errors("400", "401", "404", "409", "413", "415", "422"),
+                    **_errors("400", "401", "404"),
+                    "409": _error(
+                        f"{refs}; or the patched {kind.singular} is not a valid one "
+                        f"(`invalid_result`, e.g. prefixes without a gateway); or the patch's "
+                        f"`{kind.key}` differs from the URL's (`key_mismatch`)"
+                    ),
+                    **_errors("413", "415", "503"),
                 },
             },
             "delete": {
                 "operationId": f"delete_{kind.singular}",
-                "summary": f"Delete a {kind.singular}; 409 names what still refers to it",
+                "summary": f"Delete a {kind.singular}",
                 "tags": [tag],
                 "security": _ADMIN,
                 "responses": {
                     "204": {"description": "Deleted"},
-                    **_errors("401", "404", "409"),
+                    **_errors("401", "404"),
+                    "409": _error(
+                        "Still referred to (`still_referenced`); `details` names each referrer"
+                    ),
+                    **_errors("503"),
                 },
             },
-        }
-    return paths
+        },
+    }
 
 
-def _control(name: str, summary: str, ok: dict[str, Any]) -> dict[str, Any]:
+def _control(name: str, summary: str, ok: str) -> dict[str, Any]:
     return {
         "post": {
             "operationId": f"control_{name}",
@@ -226,47 +273,35 @@ def _control(name: str, summary: str, ok: dict[str, Any]) -> dict[str, Any]:
             "security": _CONTROL,
             "requestBody": {"required": True, **_json(_ref(name))},
             "responses": {
-                "200": {"description": "Done", **_json(ok)},
+                "200": {"description": "Done", **_json(_ref(ok))},
                 **_errors("400", "403", "413", "415", "503"),
             },
         }
     }
 
 
-_COUNTER = {
-    "type": "object",
-    "required": ["active", "limit"],
-    "properties": {
-        "active": {"type": "integer", "minimum": 0},
-        "limit": {"type": ["integer", "null"]},
-    },
-}
+def _admin_get(
+    op: str, summary: str, tag: str, ok: str, query: dict[str, Any], **links: Any
+) -> dict[str, Any]:
+    return {
+        "operationId": op,
+        "summary": summary,
+        "tags": [tag],
+        "security": _ADMIN,
+        "parameters": _parameters(query),
+        "responses": {
+            "200": {
+                "description": summary,
+                **_json(_ref(ok)),
+                **({"links": links} if links else {}),
+            },
+            **_errors("400", "401", "503"),
+        },
+    }
 
 
 @cache
 def document() -> dict[str, Any]:
-    usage = {
-        "type": "object",
-        "required": ["accounts", "channels"],
-        "properties": {
-            "accounts": {
-                "type": "object",
-                "additionalProperties": {
-                    "type": "object",
-                    "properties": {"calls": _COUNTER, "public": _COUNTER, "internal": _COUNTER},
-                },
-            },
-            "channels": {
-                "type": "object",
-                "additionalProperties": {"type": "object", "properties": {"calls": _COUNTER}},
-            },
-        },
-    }
-    status = {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"type": "string"}, "cause": {"type": "string"}},
-    }
     paths: dict[str, Any] = {
         "/health": {
             "get": {
@@ -275,8 +310,8 @@ def document() -> dict[str, Any]:
                 "tags": ["monitoring"],
                 "security": _OPEN,
                 "responses": {
-                    "200": {"description": "Ready", **_json(status)},
-                    "503": {"description": "Cannot decide calls", **_json(status)},
+                    "200": {"description": "Ready", **_json(_ref("health"))},
+                    "503": {"description": "Cannot decide calls", **_json(_ref("health"))},
                 },
             }
         },
@@ -304,78 +339,54 @@ def document() -> dict[str, Any]:
             }
         },
         "/v1/config": {
-            "get": {
-                "operationId": "get_config",
-                "summary": "The whole configuration (as `sidecar export`)",
-                "tags": ["configuration"],
-                "security": _ADMIN,
-                "responses": {
-                    "200": {"description": "The document", **_json(_ref("config"))},
-                    **_errors("401"),
-                },
-            },
+            "get": _admin_get(
+                "get_config",
+                "The whole configuration (as `sidecar export`)",
+                "configuration",
+                "config",
+                admin.CONFIG_QUERY,
+            ),
             "put": {
                 "operationId": "put_config",
                 "summary": "Make the configuration exactly this document (as `sidecar import`)",
                 "tags": ["configuration"],
                 "security": _ADMIN,
-                "parameters": [
-                    _query(
-                        "dry_run",
-                        "check and roll back",
-                        {"type": "string", "enum": ["1", "true", "yes", "0", "false", "no"]},
-                    )
-                ],
+                "parameters": _parameters(admin.PUT_CONFIG_QUERY),
                 "requestBody": {"required": True, **_json(_ref("config"))},
                 "responses": {
-                    "200": {"description": "Applied", **_json({"type": "object"})},
-                    **_errors("400", "401", "409", "413", "415", "422"),
+                    "200": {"description": "Applied", **_json(_ref("config_applied"))},
+                    **_errors("400", "401"),
+                    "409": _error("Refused by a database constraint (a concurrent change)"),
+                    **_errors("413", "415", "503"),
+                    "422": _error(
+                        "The document's members do not hold together (`invalid_config`: an "
+                        "unknown parent, account or extension, a loop, a key given twice); "
+                        "`details` names each path and reason"
+                    ),
                 },
             },
         },
         "/v1/usage": {
-            "get": {
-                "operationId": "get_usage",
-                "summary": "Use of every counter against its limit (null: unlimited)",
-                "tags": ["usage"],
-                "security": _ADMIN,
-                "responses": {"200": {"description": "Usage", **_json(usage)}, **_errors("401")},
-            }
+            "get": _admin_get(
+                "get_usage",
+                "Use of every counter against its limit (null: unlimited)",
+                "usage",
+                "usage",
+                admin.USAGE_QUERY,
+            )
         },
         "/v1/calls": {
-            "get": {
-                "operationId": "list_calls",
-                "summary": "Active calls, oldest first",
-                "tags": ["usage"],
-                "security": _ADMIN,
-                "parameters": [
-                    _query("limit", "page size (default 100)", _LIMIT),
-                    _query("state", "ringing or answered", {"enum": ["ringing", "answered"]}),
-                    _query("account", "calls holding a slot of this account", _TEXT),
-                    _query("channel", "calls holding a slot of this channel", _TEXT),
-                    _query(
-                        "after",
-                        "the Call-ID of the previous page's last call, or the `next` array as JSON",
-                        _TEXT,
-                    ),
-                ],
-                "responses": {
-                    "200": {
-                        "description": "One page",
-                        **_json(
-                            {
-                                "type": "object",
-                                "required": ["calls", "next"],
-                                "properties": {
-                                    "calls": {"type": "array", "items": {"type": "object"}},
-                                    "next": {"type": ["array", "null"]},
-                                },
-                            }
-                        ),
-                    },
-                    **_errors("400", "401"),
+            "get": _admin_get(
+                "list_calls",
+                "Active calls, oldest first",
+                "usage",
+                "calls_page",
+                admin.CALLS_QUERY,
+                release_call={
+                    "operationId": "release_call",
+                    "parameters": {"call_id": "$response.body#/calls/0/call_id"},
                 },
-            }
+            )
         },
         "/v1/calls/{call_id}": {
             "delete": {
@@ -388,33 +399,35 @@ def document() -> dict[str, Any]:
                         "name": "call_id",
                         "in": "path",
                         "required": True,
-                        "schema": {"type": "string", "maxLength": 2048},
+                        "description": "the Call-ID, as admitted",
+                        "schema": admin.CALL_ID,
                     },
-                    _query("from_tag", "only this From-tag", {"type": "string", "maxLength": 512}),
+                    *_parameters(admin.RELEASE_QUERY),
                 ],
                 "responses": {
-                    "200": {"description": "Released", **_json({"type": "object"})},
-                    **_errors("400", "401", "404"),
+                    "200": {"description": "Released", **_json(_ref("call_released"))},
+                    **_errors("400", "401"),
+                    "404": _error("No active call with this Call-ID (and From-tag)"),
+                    **_errors("503"),
                 },
             }
         },
         "/v1/control/admit": _control(
-            "admit", "Decide one initial INVITE (see docs/control-api.md)", {"type": "object"}
+            "admit", "Decide one initial INVITE (see docs/control-api.md)", "decision"
         ),
-        "/v1/control/answer": _control("answer", "A 2xx came from one leg", {"type": "object"}),
-        "/v1/control/release": _control(
-            "release", "Give back every slot of a call", {"type": "object"}
-        ),
+        "/v1/control/answer": _control("answer", "A 2xx came from one leg", "ok"),
+        "/v1/control/release": _control("release", "Give back every slot of a call", "released"),
         "/v1/control/events": _control(
             "events",
             "Answers, releases and late admissions in one batch, applied in order",
-            {"type": "object"},
+            "events_result",
         ),
         "/v1/control/heartbeat": _control(
-            "heartbeat", "A Kamailio node reports its boot id and dialogs", {"type": "object"}
+            "heartbeat", "A Kamailio node reports its boot id and dialogs", "heartbeat_result"
         ),
-        **_resource_paths(),
     }
+    for kind in KINDS.values():
+        paths.update(_resource_paths(kind))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -422,7 +435,8 @@ def document() -> dict[str, Any]:
             "version": "1",
             "description": "Admin API (bearer token), call control (Kamailio sources or "
             "X-Control-Secret), health and metrics (open). Every error is "
-            '{"error": {"code", "message", "details"}}.',
+            '{"error": {"code", "message", "details": [{"path", "reason"}]}}. A method a '
+            "path does not take is a 405 naming the ones it does in `Allow`.",
         },
         "paths": paths,
         "components": {
