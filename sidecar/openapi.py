@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import admin
+from . import admin, overview
 from .jsonio import load, respond
 from .resources import CONFIG_ID, KINDS, Kind
 
@@ -386,6 +386,42 @@ def document() -> dict[str, Any]:
                     "operationId": "release_call",
                     "parameters": {"call_id": "$response.body#/calls/0/call_id"},
                 },
+            )
+        },
+        "/v1/usage/accounts": {
+            "get": _admin_get(
+                "usage_accounts",
+                "Accounts' use of every limit, the busiest first, one page at a time",
+                "usage",
+                "accounts_usage_page",
+                overview.ACCOUNTS_QUERY,
+            )
+        },
+        "/v1/usage/channels": {
+            "get": _admin_get(
+                "usage_channels",
+                "Channels' use of their limits, the busiest first, one page at a time",
+                "usage",
+                "channels_usage_page",
+                overview.CHANNELS_QUERY,
+            )
+        },
+        "/v1/nodes": {
+            "get": _admin_get(
+                "nodes", "Kamailio nodes and their last heartbeat", "usage", "nodes",
+                overview.NO_QUERY,
+            )
+        },
+        "/v1/refusals": {
+            "get": _admin_get(
+                "refusals", "Calls refused for a limit, per minute and counter", "usage",
+                "refusals", overview.REFUSALS_QUERY,
+            )
+        },
+        "/v1/summary": {
+            "get": _admin_get(
+                "summary", "Calls up, accounts, channels, refusals this minute", "usage",
+                "summary", overview.NO_QUERY,
             )
         },
         "/v1/calls/{call_id}": {

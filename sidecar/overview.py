@@ -13,48 +13,30 @@ import orjson
 from aiohttp import web
 
 from .admin import require_token
-from .errors import ApiError
-from .jsonio import respond
+from .jsonio import config_def, query_schema, read_query, respond
 from .state import POOL, SETTINGS
 
-# Query parameters, one rule each; the OpenAPI document (openapi.py) is built from this table.
-# name: (type, minimum, maximum, default, description)
-QUERY: dict[str, tuple[str, int, int, int | None, str]] = {
-    "limit": ("integer", 1, 500, 50, "Rows per page"),
-    "offset": ("integer", 0, 1_000_000, 0, "Rows to skip (paging)"),
-    "minutes": ("integer", 1, 1440, 15, "How many minutes back, this one included"),
-    "q": ("string", 1, 128, None, "Part of the id or name, case-insensitive"),
-    "under": ("string", 1, 128, None, "Only this account and the accounts below it"),
+# The query each route takes: the handler checks it (read_query) and the OpenAPI document
+# lists it (openapi.py), from these schemas.
+_PAGE = {
+    "limit": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50,
+              "description": "rows per page"},
+    "offset": {"type": "integer", "minimum": 0, "maximum": 1_000_000, "default": 0,
+               "description": "rows to skip"},
 }
-# The parameters each route takes.
-PARAMS = {
-    "/v1/usage/accounts": ("under", "q", "limit", "offset"),
-    "/v1/usage/channels": ("q", "limit", "offset"),
-    "/v1/refusals": ("minutes",),
-    "/v1/nodes": (),
-    "/v1/summary": (),
-}
-
-
-def query(request: web.Request, name: str) -> Any:
-    """One query parameter checked against QUERY: an error names it and says why."""
-    kind, low, high, default, _ = QUERY[name]
-    raw = request.query.getall(name, [])
-    if not raw:
-        return default
-    value = raw[0]
-    if len(raw) > 1:
-        reason = "given more than once"
-    elif kind == "integer":
-        if value.isascii() and value.isdigit() and low <= int(value) <= high:
-            return int(value)
-        reason = f"an integer from {low} to {high}"
-    elif low <= len(value) <= high and "\x00" not in value:
-        return value
-    else:
-        reason = f"{low} to {high} characters, no NUL"
-    raise ApiError(400, "invalid_query", f"{name}: {reason}",
-                   [{"path": f"query.{name}", "reason": reason}])
+_SEARCH = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\u0000]*$",
+           "description": "part of the id or name, case-insensitive"}
+ACCOUNTS_QUERY = query_schema({
+    "under": {**config_def("ident"), "description": "only this account and those below it"},
+    "q": _SEARCH,
+    **_PAGE,
+})
+CHANNELS_QUERY = query_schema({"q": _SEARCH, **_PAGE})
+REFUSALS_QUERY = query_schema({
+    "minutes": {"type": "integer", "minimum": 1, "maximum": 1440, "default": 15,
+                "description": "how many minutes back, the current one included"},
+})
+NO_QUERY = query_schema({})
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -74,10 +56,9 @@ _PATH = """
 
 async def usage_accounts(request: web.Request) -> web.Response:
     require_token(request)
-    limit, offset = query(request, "limit"), query(request, "offset")
-    under = query(request, "under")
-    search = query(request, "q")
-    rows, total = await _page(request, "usage_accounts", (under, search), limit, offset)
+    q = read_query(request, ACCOUNTS_QUERY)
+    limit, offset, under = q.get("limit", 50), q.get("offset", 0), q.get("under")
+    rows, total = await _page(request, "usage_accounts", (under, q.get("q")), limit, offset)
     under_path = await request.app[POOL].fetchval(_PATH, under) if under else None
     accounts = [
         {
@@ -99,8 +80,9 @@ async def usage_accounts(request: web.Request) -> web.Response:
 
 async def usage_channels(request: web.Request) -> web.Response:
     require_token(request)
-    limit, offset = query(request, "limit"), query(request, "offset")
-    rows, total = await _page(request, "usage_channels", (query(request, "q"),), limit, offset)
+    q = read_query(request, CHANNELS_QUERY)
+    limit, offset = q.get("limit", 50), q.get("offset", 0)
+    rows, total = await _page(request, "usage_channels", (q.get("q"),), limit, offset)
     channels = [
         {"id": r["id"], "name": r["name"], "usage": orjson.loads(r["usage"]),
          "fullness": r["fullness"]}
@@ -132,6 +114,7 @@ _NODES = """
 
 async def nodes(request: web.Request) -> web.Response:
     require_token(request)
+    read_query(request, NO_QUERY)
     silent_after = request.app[SETTINGS].node_silent_after
     rows = await request.app[POOL].fetch(_NODES)
     return respond({
@@ -159,7 +142,7 @@ _REFUSALS = """
 
 async def refusals(request: web.Request) -> web.Response:
     require_token(request)
-    minutes = query(request, "minutes")
+    minutes = read_query(request, REFUSALS_QUERY).get("minutes", 15)
     rows = await request.app[POOL].fetch(_REFUSALS, minutes)
     return respond({
         "minutes": minutes,
@@ -182,6 +165,7 @@ _SUMMARY = """
 
 async def summary(request: web.Request) -> web.Response:
     require_token(request)
+    read_query(request, NO_QUERY)
     r = await request.app[POOL].fetchrow(_SUMMARY)
     return respond({
         "calls": {"ringing": r["ringing"], "answered": r["answered"]},

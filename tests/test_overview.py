@@ -16,13 +16,14 @@ PW = "pw"
 
 
 def tree() -> dict[str, Any]:
-    """prov -> (acme (calls 2, cps 50), globex (calls 10)) -> users; a trunk with limits."""
+    """prov -> (acme (calls 2, cps 1 with a burst of 50), globex (calls 10)) -> users; a
+    trunk with limits."""
     return {
         "counting": "per_call",
         "accounts": [
             {"id": "prov", "name": "The Provider", "limits": {"calls": 100}},
             {"id": "acme", "name": "Acme <b>Corp</b>", "parent": "prov",
-             "limits": {"calls": 2, "cps": 50}},
+             "limits": {"calls": 2, "cps": 1, "cps_burst": 50}},
             {"id": "globex", "parent": "prov", "limits": {"calls": 10}},
             {"id": "alice", "parent": "acme"},
             {"id": "bob", "parent": "globex"},
@@ -51,7 +52,9 @@ async def test_accounts_busiest_first_by_subtree_and_search(database_url: str) -
         assert ids[0] == "acme"  # 2 of 2: the fullest first
         acme = page["accounts"][0]
         assert acme["usage"]["calls"] == {"active": 2, "limit": 2}
-        assert acme["usage"]["cps"]["limit"] == 50 and acme["usage"]["cps"]["used"] >= 1
+        # Two tokens taken, refilled at one a second: more than one used for a second.
+        assert acme["usage"]["cps"]["limit"] == 1 and acme["usage"]["cps"]["burst"] == 50
+        assert acme["usage"]["cps"]["used"] >= 1
         assert acme["path"] == ["prov", "acme"] and acme["children"] == 1
         assert acme["name"] == "Acme <b>Corp</b>"  # data, returned as it is
         globex = next(a for a in page["accounts"] if a["id"] == "globex")

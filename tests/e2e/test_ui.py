@@ -59,6 +59,9 @@ class Browser:
     """One headless chromium; run() does a blocking selenium step in a thread."""
 
     def __init__(self) -> None:
+        assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), (
+            "chromium and chromium-driver are installed by scripts/install-system.sh (make deps)"
+        )
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
         for arg in ("--headless=new", "--no-sandbox", "--disable-gpu",
@@ -69,9 +72,9 @@ class Browser:
     async def run(self, step: Callable[[WebDriver], Any]) -> Any:
         return await asyncio.to_thread(step, self.driver)
 
-    async def wait(self, what: str, check: Callable[[WebDriver], Any], timeout: float = 10) -> Any:
+    async def wait(self, what: str, check: Callable[[WebDriver], Any], within: float = 10) -> Any:
         """Poll check(driver) until it returns something true; fail naming `what`."""
-        end = time.monotonic() + timeout
+        end = time.monotonic() + within
         last: Any = None
         while time.monotonic() < end:
             try:
@@ -90,9 +93,6 @@ class Browser:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), (
-        "chromium and chromium-driver are installed by scripts/install-system.sh (make deps)"
-    )
     b = await asyncio.to_thread(Browser)
     try:
         yield b
@@ -227,7 +227,7 @@ async def test_page_under_load_screenshot(
     ).text.split()[-1] == str(expected))
     await browser.wait("the node's heartbeat", lambda d: d.find_elements(
         By.CSS_SELECTOR, f'#nodes tr[data-node="{e2e.kamailio.node}"] .badge.alive'),
-        timeout=15)
+        within=15)
     # Search narrows the accounts to one.
     await browser.run(lambda d: d.find_element(By.ID, "account-search").send_keys("quie"))
     await browser.wait("only 'quiet' after the search", lambda d: [
@@ -238,10 +238,14 @@ async def test_page_under_load_screenshot(
     await browser.wait("every account again", lambda d: len(
         d.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")) == 3)
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "ui-under-load.png"
-    assert await browser.run(lambda d: d.save_screenshot(str(shot)))
-    assert shot.stat().st_size > 10_000
+
+    def screenshot(d: WebDriver) -> int:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert d.save_screenshot(str(shot))
+        return shot.stat().st_size
+
+    assert await browser.run(screenshot) > 10_000
     print(f"screenshot: {shot}")
     for call in up:
         assert await call.bye() == 200
