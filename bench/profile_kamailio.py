@@ -4,19 +4,22 @@ moderate rate, in a way that other load on the machine does not disturb much.
 
 Starts what bench_compare.py starts (a private PostgreSQL, `sidecar migrate` + `import` of
 bench_compare's configuration, `sidecar serve`, bench/loadgen.py, both Kamailios on free
-ports, the same defines), then for each system: a warm-up, counters zeroed, --calls calls at
---rate CPS (500 ms each, INVITE 180 200 ACK BYE 200), a pause for the outbox to drain, the
-counters read. With --idle, the same window with no call is measured too and subtracted
+ports, the same defines), then for each system: a warm-up, --calls calls at --rate CPS (500
+ms each, INVITE 180 200 ACK BYE 200), a pause for the outbox to drain, the counters read
+before and after. With --idle, the same window with no call is measured too and subtracted
 (timers, the outbox's rtimer, http_async_client's loops: what the machine pays per second
 whatever the calls).
 
   --tool cpu        (default) utime+stime of every Kamailio process (/proc), per call and
                     per process kind (kamcmd core.psx). CPU time, not wall time: other load
                     inflates it only through caches and frequency, a few per cent.
-  --tool callgrind  every Kamailio runs under `valgrind --tool=callgrind`; instructions
-                    (Ir) per call, exactly repeatable whatever the machine does, per process
-                    kind, and the top functions (inclusive and self, callgrind_annotate).
-                    About 50 times slower: keep --rate low (default 20 with this tool).
+  --tool callgrind  every Kamailio runs under `valgrind --tool=callgrind`, twice per system
+                    (forked children cannot be told to zero or dump their counters): once
+                    with the calls, once idle as long, each dumping at exit; the difference
+                    is instructions (Ir) per call, repeatable whatever the machine does, per
+                    process kind, and the top functions (inclusive and self,
+                    callgrind_annotate of every process's dump, added up). About 50 times
+                    slower: keep --rate low (default 20 with this tool).
   --tool perf       CPU as --tool cpu, plus `perf record -e cpu-clock` over the Kamailio
                     processes during the calls, and the top symbols (perf report).
 
@@ -133,7 +136,8 @@ def simplify(dsc: str) -> str:
 class Kam:
     """One Kamailio (optionally under callgrind) on a free port."""
 
-    def __init__(self, stack: Stack, name: str, cfg: Path, defines: list[str], tool: str):
+    def __init__(self, stack: Stack, name: str, cfg: Path, defines: list[str], tool: str,
+                 extra: list[str] | None = None):
         self.name, self.tool = name, tool
         self.outdir = Path(tempfile.mkdtemp(prefix=f"cg-{name}-", dir=stack.workdir))
         for _ in range(5):
@@ -148,7 +152,7 @@ class Kam:
             if r.returncode != 0:
                 raise RuntimeError(f"kamailio -c {cfg} failed:\n{r.stdout}\n{r.stderr}")
             argv = ["kamailio", *args, "-DD", "-E", "-Y", str(self.rundir), "-m", "512",
-                    "-M", "32"]
+                    "-M", "32", *(extra or [])]
             if tool == "callgrind":
                 argv = ["valgrind", "--tool=callgrind", "--vgdb=no", "--separate-threads=no",
                         f"--callgrind-out-file={self.outdir}/callgrind.out.%p", *argv]
@@ -250,6 +254,9 @@ def main() -> int:
                     help="extra -A define for the native Kamailio (repeatable)")
     ap.add_argument("--project-cfg", default=str(PROJECT_CFG),
                     help="the project's config (default kamailio/kamailio.cfg)")
+    ap.add_argument("--kamailio-args", default="",
+                    help="extra command line options for both Kamailios, e.g. '-x tlsf' "
+                         "(the memory manager)")
     ap.add_argument("--top", type=int, default=30, help="functions/symbols listed (default 30)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, dumps)")
     args = ap.parse_args()
@@ -301,7 +308,7 @@ def main() -> int:
                 # long idle; the difference is the calls' cost
                 for phase in ("idle", "calls"):
                     say(f"{name}: starting Kamailio under callgrind ({phase} run)")
-                    kam = Kam(stack, name, cfg, defines, args.tool)
+                    kam = Kam(stack, name, cfg, defines, args.tool, args.kamailio_args.split())
                     warm_up(lg, kam, rate, drain, problems)
                     t0 = time.monotonic()
                     if phase == "calls":
@@ -319,7 +326,7 @@ def main() -> int:
                 results[name] = res
                 continue
             say(f"{name}: starting Kamailio")
-            kam = Kam(stack, name, cfg, defines, args.tool)
+            kam = Kam(stack, name, cfg, defines, args.tool, args.kamailio_args.split())
             warm_up(lg, kam, rate, drain, problems)
             c0 = kam.cpu()
             perf = None
