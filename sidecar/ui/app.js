@@ -190,7 +190,7 @@ function accountRow(account) {
 function pager(node, offset, shown, total, move) {
   node.replaceChildren();
   if (!total) {
-    node.append(el("span", { text: "nothing matches" }));
+    node.append(el("span", { text: "none" }));
     return;
   }
   node.append(el("span", { text: `${offset + 1}–${offset + shown} of ${total}, busiest first` }));
