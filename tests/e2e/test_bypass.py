@@ -91,8 +91,13 @@ async def assert_still_limited(api: Api, phones: Phones, proxy: tuple[str, int])
     """The tricked call still holds its slot: usage 1, and the next call is refused."""
     assert await api.active("acme") == 1
     other = await phones.ua(user="1003", password=PW)
-    nxt = await other.invite("1002", proxy=proxy)
-    code = await nxt.wait_final(5)
+    for _ in range(3):
+        nxt = await other.invite("1002", proxy=proxy)
+        code = await nxt.wait_final(5)
+        # 503: the sidecar could not decide in time on a loaded machine (fail-closed, never
+        # a way through); ask again. Anything else must be the limit's refusal.
+        if code != 503:
+            break
     assert code in (403, 486), code
     assert nxt.final is not None and nxt.final.reason == "REACH_PLAN_LIMIT"
     assert await api.active("acme") == 1
