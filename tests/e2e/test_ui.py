@@ -243,6 +243,17 @@ async def test_page_under_load_screenshot(
     await browser.wait("every account again", lambda d: len(
         d.find_elements(By.CSS_SELECTOR, "#accounts tbody tr")) == 3)
 
+    # The calls up, filtered by account: none for quiet, both for acme.
+    await browser.run(lambda d: d.find_element(By.ID, "call-account").send_keys("quiet"))
+    await browser.wait("no call for quiet", lambda d: not d.find_elements(
+        By.CSS_SELECTOR, "#calls tbody tr") and "no call up for quiet" in d.find_element(
+        By.ID, "calls-pager").text)
+    await browser.run(lambda d: d.find_element(By.ID, "call-account").clear())
+    await browser.run(lambda d: d.find_element(By.ID, "call-account").send_keys("acme"))
+    await browser.wait("acme's two calls", lambda d: sorted(
+        r.get_attribute("data-call") for r in d.find_elements(By.CSS_SELECTOR, "#calls tbody tr")
+    ) == sorted(c.call_id for c in up))
+
     shot = ARTIFACTS / "ui-under-load.png"
 
     def screenshot(d: WebDriver) -> int:
