@@ -190,8 +190,11 @@ async def janitor_run(app: web.Application) -> None:
         # released and is retried at the next run, see the WARNING in PostgreSQL's log).
         if released < _JANITOR_BATCH:
             break
+    keep = timedelta(seconds=settings.ended_retention)
     for _ in range(_JANITOR_ROUNDS):
-        if await pool.fetchval("SELECT purge_calls($1)", _JANITOR_BATCH) < _JANITOR_BATCH:
+        # (Two kinds of rows, up to a batch each: a round that took less than a batch of
+        # either in all has caught up.)
+        if await pool.fetchval("SELECT purge_calls($1, $2)", _JANITOR_BATCH, keep) < _JANITOR_BATCH:
             break
     await pool.execute(
         "DELETE FROM refusal_minutes WHERE minute < now() - $1::interval",

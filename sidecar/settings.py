@@ -76,6 +76,12 @@ class Settings:
     # admission of the same call that comes late (a retransmission, a CANCEL that overtook
     # the decision).
     ringing_ttl: int = field(default_factory=lambda: _int("SIDECAR_RINGING_TTL", 180))
+    # Seconds an ended call's row is kept after its tombstone's time (SIDECAR_RINGING_TTL
+    # after its release) before the janitor deletes it, in batches: a record of the call
+    # (origin, destination, node, times) for that long. 0: deleted with the tombstone.
+    # Refusals always go after SIDECAR_RINGING_TTL. Rows kept: about this many seconds
+    # times the calls per second.
+    ended_retention: int = field(default_factory=lambda: _int("SIDECAR_ENDED_RETENTION", 0))
     # An answered call is released after this many seconds whatever happens (lost BYE).
     max_call_duration: int = field(default_factory=lambda: _int("SIDECAR_MAX_CALL_DURATION", 14400))
     # A node's calls younger than this are never released by a dialog-list reconciliation

@@ -173,6 +173,34 @@ async def test_stale_calls_expire(database_url: str) -> None:
             await conn.close()
 
 
+async def test_ended_calls_kept_for_their_retention_refusals_not(database_url: str) -> None:
+    """SIDECAR_ENDED_RETENTION keeps an ended call's row (and its refusal of a late
+    admission) past its tombstone's time; a refusal goes at its time whatever it is."""
+    from sidecar.app import janitor_run
+
+    async with running_sidecar(database_url, ended_retention=3600) as sc:
+        await sc.put_config({**BASIC, "accounts": [{"id": "acme", "limits": {"calls": 1}}]})
+        assert (await sc.admit("ended", to="1002", auth="1001"))["action"] == "relay"
+        assert (await sc.admit("refused", to="1002", auth="1001"))["action"] == "reject"
+        assert await sc.release("ended")
+        conn = await asyncpg.connect(database_url)
+        try:
+            # Both past their expires_at (the tombstone's and the refusal's time).
+            await conn.execute("UPDATE calls SET expires_at = now() - interval '1 minute'")
+            await janitor_run(sc.app)
+            rows = await conn.fetch("SELECT call_id, state FROM calls")
+            assert [(r["call_id"], r["state"]) for r in rows] == [("ended", "released")]
+            # Still refusing a late admission of that call, and not counting it.
+            late = await sc.admit("ended", to="1002", auth="1001")
+            assert late["action"] == "reject" and await active(sc) == 0
+            # Past the retention too: gone.
+            await conn.execute("UPDATE calls SET expires_at = now() - interval '2 hours'")
+            await janitor_run(sc.app)
+            assert await conn.fetchval("SELECT count(*) FROM calls") == 0
+        finally:
+            await conn.close()
+
+
 async def test_janitor_releases_expired_calls_by_itself(database_url: str) -> None:
     async with running_sidecar(database_url, ringing_ttl=1, janitor_interval=0.3) as sc:
         await sc.put_config(BASIC)

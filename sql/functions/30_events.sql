@@ -195,3 +195,28 @@ BEGIN
     PERFORM apply_counters(v_keys, -1);
     RETURN (v_keys IS NOT NULL)::integer;
 END $$;
+
+-- Forget rows that hold no slot, p_batch of each kind at most (SKIP LOCKED: the replicas
+-- share the work): refusals past their expires_at, ended calls p_keep after theirs
+-- (SIDECAR_ENDED_RETENTION; migration 008). Returns how many rows went.
+CREATE OR REPLACE FUNCTION purge_calls(p_batch integer DEFAULT 5000,
+                                       p_keep interval DEFAULT interval '0')
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    v_refused integer;
+    v_ended   integer;
+BEGIN
+    DELETE FROM calls c
+    USING (SELECT call_id, from_tag FROM calls
+           WHERE state = 'refused' AND expires_at < now()
+           ORDER BY expires_at LIMIT p_batch FOR UPDATE SKIP LOCKED) d
+    WHERE c.call_id = d.call_id AND c.from_tag = d.from_tag;
+    GET DIAGNOSTICS v_refused = ROW_COUNT;
+    DELETE FROM calls c
+    USING (SELECT call_id, from_tag FROM calls
+           WHERE state = 'released' AND expires_at < now() - p_keep
+           ORDER BY expires_at LIMIT p_batch FOR UPDATE SKIP LOCKED) d
+    WHERE c.call_id = d.call_id AND c.from_tag = d.from_tag;
+    GET DIAGNOSTICS v_ended = ROW_COUNT;
+    RETURN v_refused + v_ended;
+END $$;
