@@ -67,7 +67,12 @@ async def assert_admitted_once(e2e: E2E, call: Call, since: int) -> None:
 async def assert_answered_once(e2e: E2E, call: Call, since: int) -> None:
     """The sidecar moved the call to answered exactly once; Kamailio reported it once."""
     recs = await e2e.sidecar.wait_records("answered", 1, since, call_id=call.call_id)
-    assert len(recs) == 1 and recs[0]["changed"], recs
+    assert len(recs) == 1, recs
+    if not recs[0]["changed"]:
+        # The node's heartbeat listed the dialog confirmed a moment before the answer came
+        # (both mark it answered, the first wins): it must have been that, nothing else.
+        beats = e2e.sidecar.records("reconciled node", since, node=e2e.kamailio.node)
+        assert sum(b["answered"] for b in beats) >= 1, (recs, beats)
     lines = e2e.kamailio.events("answer", since=0, contains=call.call_id)
     assert len(lines) == 1, lines
 
