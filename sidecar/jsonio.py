@@ -202,12 +202,38 @@ async def read_body(request: web.Request, schema: str, max_bytes: int) -> Any:
 
 async def read_json(request: web.Request, max_bytes: int) -> Any:
     """The request's JSON body, not validated yet; 413/415/400 otherwise."""
-    if request.content_length is not None and request.content_length > max_bytes:
-        raise ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream") and request.body_exists:
         if ctype != "" and not ctype.endswith("+json"):
             raise ApiError(415, "unsupported_media_type", "send application/json")
+    return parse(await read_raw(request, max_bytes))
+
+
+NDJSON = "application/x-ndjson"
+
+
+def parse_lines(raw: bytes | bytearray, path: str) -> list[Any]:
+    """Newline-delimited JSON: one JSON document per line (blank lines skipped), each parsed
+    on its own, so that no line can change how another is read. A line that is not JSON is
+    a 400 naming it as `<path>[i]` (i counts the documents before it)."""
+    out: list[Any] = []
+    for number, line in enumerate(bytes(raw).split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(orjson.loads(line))
+        except orjson.JSONDecodeError as exc:
+            where = f"{path}[{len(out)}]"
+            reason = f"line {number} is not valid JSON: {exc}"
+            raise ApiError(400, "invalid_json", f"{where}: {reason}",
+                           [{"path": where, "reason": reason}]) from exc
+    return out
+
+
+async def read_raw(request: web.Request, max_bytes: int) -> bytearray:
+    """The request's body, at most max_bytes (a 413 beyond)."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")
     # read(n) returns what has arrived so far, up to n bytes: read until the end (or too much).
     raw = bytearray()
     while len(raw) <= max_bytes:
@@ -217,7 +243,7 @@ async def read_json(request: web.Request, max_bytes: int) -> Any:
         raw += chunk
     if len(raw) > max_bytes:
         raise ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")
-    return parse(raw)
+    return raw
 
 
 def respond(data: Any, status: int = 200) -> web.Response:

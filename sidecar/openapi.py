@@ -264,11 +264,12 @@ def _resource_paths(kind: Kind) -> dict[str, Any]:
     }
 
 
-def _control(name: str, summary: str, ok: str) -> dict[str, Any]:
+def _control(name: str, summary: str, ok: str, description: str = "") -> dict[str, Any]:
     return {
         "post": {
             "operationId": f"control_{name}",
             "summary": summary,
+            **({"description": description} if description else {}),
             "tags": ["call control"],
             "security": _CONTROL,
             "requestBody": {"required": True, **_json(_ref(name))},
@@ -457,6 +458,9 @@ def document() -> dict[str, Any]:
             "events",
             "Answers, releases and late admissions in one batch, applied in order",
             "events_result",
+            "The body is the `events` document, or, with `Content-Type: application/x-ndjson`"
+            " (what Kamailio's outbox sends), the same events one JSON object per line; a line"
+            " that is not JSON is a 400 naming it as `$.events[i]`.",
         ),
         "/v1/control/heartbeat": _control(
             "heartbeat", "A Kamailio node reports its boot id and dialogs", "heartbeat_result"

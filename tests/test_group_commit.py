@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import asyncpg
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.batching import Overloaded, Scheduler
@@ -123,6 +124,56 @@ async def test_a_bad_event_changes_nothing_and_is_named(database_url: str) -> No
         assert status == 400 and body["error"]["details"][0]["path"] == "$.events[0].late"
         status, body = await events(sc, [{"type": "hangup", "call_id": "b1"}])
         assert status == 400 and "$.events[0]" in body["error"]["message"]
+
+
+async def ndjson_events(sc: Sidecar, body: bytes) -> tuple[int, Any]:
+    """POST /v1/control/events as kamailio.cfg's outbox does: one event per line."""
+    return await sc.request("POST", "/v1/control/events", admin=False, data=body,
+                            headers={"Content-Type": "application/x-ndjson"})
+
+
+async def test_events_as_ndjson_one_per_line(database_url: str) -> None:
+    """Kamailio's outbox sends its batch as NDJSON: each line parsed on its own, applied in
+    order; a line that is not JSON (or an event that breaks its schema) is a 400 naming it
+    and nothing of the batch is applied; a value holding a newline stays inside its line."""
+    async with running_sidecar(database_url) as sc:
+        await sc.put_config(OFFICE)
+        for cid in ("n1", "n2"):
+            await sc.admit(cid, to="1002", source="127.0.0.2", from_user="app")
+        assert await active(sc) == 2
+        bad_lines = [
+            (b'{"type": "release", "call_id": "n1", "from_tag": "ft", "reason": "bye"}\n'
+             b'{"type": "release", "call_id": "n2", "from_tag": "ft", "reason": "bye"\n',
+             "$.events[1]", "line 2 is not valid JSON"),
+            # two events on one line: not one JSON document
+            (b'{"type": "release", "call_id": "n1", "from_tag": "ft"}'
+             b'{"type": "release", "call_id": "n2", "from_tag": "ft"}\n',
+             "$.events[0]", "line 1 is not valid JSON"),
+            (b'\n{"type": "release", "call_id": "n1", "from_tag": "ft", "reason": "bye"}\n'
+             b'{"type": "answer", "call_id": "n2", "from_tag": "ft", "leg": "zero"}\n',
+             "$.events[1].leg", ""),
+        ]
+        for body, path, reason in bad_lines:
+            status, out = await ndjson_events(sc, body)
+            assert status == 400, out
+            assert out["error"]["details"][0]["path"] == path, out
+            assert reason in out["error"]["message"], out
+            assert await active(sc) == 2  # nothing of the batch was applied
+        # a hostile Call-ID with a newline, quotes and a brace: escaped inside its line
+        hostile = 'x"}\n{"type": "release", "call_id": "n2", "from_tag": "ft"}'
+        lines = [
+            orjson.dumps({"type": "answer", "call_id": "n1", "from_tag": "ft", "leg": 0}),
+            orjson.dumps({"type": "release", "call_id": hostile, "from_tag": "ft",
+                          "reason": "bye"}),
+            orjson.dumps({"type": "release", "call_id": "n1", "from_tag": "ft",
+                          "reason": "bye"}),
+        ]
+        status, out = await ndjson_events(sc, b"\n".join(lines) + b"\n\n")
+        assert status == 200, out
+        # (the hostile Call-ID is no call: a tombstone, nothing released)
+        assert [r["changed"] for r in out["results"]] == [True, False, True]
+        assert await active(sc) == 1  # n1 released; n2 untouched by the hostile line
+    assert await counter_drift(database_url) == []
 
 
 async def test_admission_shed_when_it_cannot_be_decided_in_time(database_url: str) -> None:

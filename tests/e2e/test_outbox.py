@@ -115,9 +115,11 @@ class StubSidecar:
     async def _events(self, request: web.Request) -> web.Response:
         self._arrivals += 1
         arrival = self._arrivals
-        body = json.loads(await request.read())
-        events = body["events"]
-        assert isinstance(events, list)
+        # NDJSON, as kamailio.cfg sends it: one event object per line, each ending in "\n"
+        raw = await request.read()
+        assert raw.endswith(b"\n"), raw
+        events = [json.loads(line) for line in raw.decode().split("\n")[:-1]]
+        assert all(isinstance(e, dict) for e in events), raw
         if self.status is not None:
             status = self.status
         elif any("poison" in str(e.get("call_id")) for e in events):
@@ -254,7 +256,7 @@ async def test_outage_loses_nothing_and_keeps_order(outbox: Any) -> None:
     # headers: events and admit
     for a in stub.attempts:
         assert a.headers.get("X-Control-Secret") == SECRET, a.headers
-        assert a.headers.get("Content-Type") == "application/json", a.headers
+        assert a.headers.get("Content-Type") == "application/x-ndjson", a.headers
     for body, headers in stub.admits:
         assert headers.get("X-Control-Secret") == SECRET, headers
         assert headers.get("X-Deadline-Ms") == DEADLINE_MS, headers
