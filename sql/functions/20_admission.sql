@@ -316,7 +316,7 @@ DECLARE
     v_out      jsonb[] := '{}';
     v_origins  text[] := '{}';
     v_again    boolean[] := '{}';   -- asked twice in this batch: decided in its turn
-    v_seen     jsonb := '{}';
+    v_seen     text[] := '{}';      -- the calls classified so far, as [call_id, from_tag]
     v_plans    planned_leg[] := '{}';
     v_keys     text[] := '{}';
     v_mode     text;
@@ -331,6 +331,7 @@ DECLARE
     v_legs     planned_leg[];
     v_leg      planned_leg;
     v_key      text;
+    v_ch       text;
     v_next     integer := 1;       -- next leg of v_plans to decide
     -- one call's decision
     v_force    boolean;
@@ -354,12 +355,14 @@ BEGIN
         v_out := v_out || NULL::jsonb;
         v_origins := v_origins || NULL::text;
         v_key := jsonb_build_array(p_call_ids[i], p_from_tags[i])::text;
-        v_again := v_again || (v_seen ? v_key);
+        v_again := v_again || (v_key = ANY (v_seen));
         CONTINUE WHEN v_again[i];
-        v_seen := v_seen || jsonb_build_object(v_key, i);
+        v_seen := v_seen || v_key;
         v_out[i] := known_call(p_call_ids[i], p_from_tags[i], p_lates[i], p_max_duration);
         CONTINUE WHEN v_out[i] IS NOT NULL;
-        SELECT * INTO v_origin FROM call_origin(p_sources[i], p_from_users[i], p_auth_users[i]);
+        -- (Functions are called in assignments rather than SELECT ... FROM f(): a plain
+        -- expression costs no query of its own.)
+        v_origin := call_origin(p_sources[i], p_from_users[i], p_auth_users[i]);
         v_out[i] := v_origin.verdict;
         CONTINUE WHEN v_out[i] IS NOT NULL;
         v_origins[i] := coalesce('extension:' || v_origin.ext, 'channel:' || v_origin.chan);
@@ -371,8 +374,10 @@ BEGIN
         FOREACH v_leg IN ARRAY v_legs LOOP
             v_leg.call_no := i;
             v_plans := v_plans || v_leg;
-            v_keys := v_keys || v_leg.keys
-                      || ARRAY(SELECT 'channel:' || c || ':calls' FROM unnest(v_leg.chans) c);
+            v_keys := v_keys || v_leg.keys;
+            FOREACH v_ch IN ARRAY v_leg.chans LOOP
+                v_keys := v_keys || ('channel:' || v_ch || ':calls');
+            END LOOP;
         END LOOP;
     END LOOP;
 
@@ -413,7 +418,7 @@ BEGIN
             v_leg := v_plans[v_next];
             v_next := v_next + 1;
             v_accounts := v_leg.origin_accounts;
-            SELECT * INTO v_verdict FROM decide_leg(v_leg, v_mode, v_call_room, v_held);
+            v_verdict := decide_leg(v_leg, v_mode, v_call_room, v_held);
             IF v_verdict.full_at IS NOT NULL THEN
                 v_refusal := coalesce(v_refusal, jsonb_build_object(
                     'why', CASE WHEN v_leg.leg = 0 AND v_verdict.full_at LIKE 'account:%'
