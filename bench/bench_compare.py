@@ -17,8 +17,14 @@ external number through the trunk channel whose gateway is the same UAS). The na
 Kamailio counts the caller's dialogs in the `account` profile and relays to the same UAS.
 Limits are far above the load: nothing is refused; this measures the cost of deciding.
 
-Rate steps: at each offered rate (calls per second, open loop), a step of --seconds s on the
-project, then one on the native Kamailio. Each call holds --hold s (500 ms). A system that
+A third system, `floor`, is the project's own kamailio.cfg asking bench/allow_server.py, an
+aiohttp server that answers every admission "relay to the callee" and decides nothing: the
+architecture's cost (HTTP admission, resumed relay, dialog events, outbox) without the
+sidecar's and PostgreSQL's. project/floor is what deciding costs; floor/native what asking
+over HTTP costs.
+
+Rate steps: at each offered rate (calls per second, open loop), a step of --seconds s on
+each system in turn (project, floor, native). Each call holds --hold s (500 ms). A system that
 fails a call in a step runs no higher step (unless --keep-going). Per step and system:
 
   sent/s      INVITEs actually sent per second (the generator keeping up with the offer)
@@ -27,8 +33,9 @@ fails a call in a step runs no higher step (unless --keep-going). Per step and s
   rtx         INVITE + BYE retransmissions by the callers (T1 = 500 ms)
   drops       UDP datagrams the kernel dropped for a full receive buffer: at that
               Kamailio's socket / at the load generator's sockets (/proc/net/udp)
-  kam, sc, pg CPU ms per call (calls sent) of that Kamailio, the sidecar (process tree),
-              PostgreSQL (the postmaster and every backend, from /proc)
+  kam, sc, pg CPU ms per call (calls sent) of that Kamailio, the sidecar (process tree;
+              the allow server for `floor`), PostgreSQL (the postmaster and every
+              backend, from /proc)
   commits     pg_stat_database.xact_commit per call. PostgreSQL learns a backend's counts
               up to 10 s late, so a project step's window runs from its start to the start
               of the next project step (at least 11 s after its end)
@@ -189,8 +196,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="seconds per step (default 10; quick 3)")
     ap.add_argument("--hold", type=float, default=0.5, help="call duration, s (default 0.5)")
     ap.add_argument("--workers", type=int, default=2, help="caller processes (default 2)")
-    ap.add_argument("--systems", default="project,native",
-                    help="which to run, in this order per step (default project,native)")
+    ap.add_argument("--systems", default="project,floor,native",
+                    help="which to run, in this order per step (default project,floor,native)")
     ap.add_argument("--route", choices=["extension", "trunk"], default="extension",
                     help="project calls go to the callee extension's static contact "
                          "(default) or to an external number through the trunk")
@@ -210,8 +217,8 @@ def main() -> int:
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     warm = 1.0 if args.quick else 2.0
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if not set(systems) <= {"project", "native"} or not systems:
-        ap.error("--systems takes project and/or native")
+    if not set(systems) <= {"project", "floor", "native"} or not systems:
+        ap.error("--systems takes project, floor and/or native")
     install_sigterm()
 
     print(f"SIP side by side: {', '.join(systems)}; steps {','.join(f'{x:g}' for x in rates)} "
@@ -235,9 +242,11 @@ def main() -> int:
         meter.add("loadgen", lg.pids())
         sc_url = ""
         kam_log = "" if not args.quiet else "LOG_LEVEL=1"
-        if "project" in systems:
+        db_url = ""
+        if "project" in systems or "floor" in systems:
             say("starting a private PostgreSQL (scripts/pgcluster.sh)")
             db_url = stack.start_postgres()
+        if "project" in systems:
             say("sidecar migrate; sidecar import of the benchmark configuration")
             stack.sidecar_cli("migrate")
             stack.load_config(bench_config(uas_port))
@@ -260,6 +269,17 @@ def main() -> int:
             sysmap["project"] = System("project", kport,
                                        NUMBER if args.route == "trunk" else "callee",
                                        ["kam-project", "sidecar", "pg"])
+        if "floor" in systems:
+            say("starting the allow server (bench/allow_server.py) and a Kamailio with "
+                "kamailio/kamailio.cfg asking it")
+            ap_, allow_url = stack.start_allow_server(f"sip:callee@{UAS_IP}:{uas_port}")
+            dburl = db_url.replace("postgresql://", "postgres://", 1).split("?")[0]
+            defines = [f'DBURL="{dburl}"', f'SIDECAR_URL="{allow_url}"', 'NODE_ID="bench-floor"',
+                       "WORKERS=8", *([kam_log] if kam_log else []), *args.define]
+            fp, fport = stack.start_kamailio("floor", PROJECT_CFG, defines)
+            meter.add("kam-floor", [fp.pid])
+            meter.add("allow", [ap_.pid])
+            sysmap["floor"] = System("floor", fport, "callee", ["kam-floor", "allow"])
         if "native" in systems:
             say("starting the native Kamailio (bench/kamailio-native.cfg)")
             defines = [f'CALLEE="{UAS_IP}:{uas_port}"', "WORKERS=8", f"CALL_LIMIT={BIG}",
@@ -316,7 +336,8 @@ def main() -> int:
                 d = CpuMeter.delta(cpu0, cpu1)
                 cpu = {"loadgen": d["loadgen"]}
                 for g in s.cpu_groups:
-                    cpu["kam" if g.startswith("kam") else g] = d[g]
+                    # (the floor's allow server in the sidecar's column)
+                    cpu["kam" if g.startswith("kam") else "sidecar" if g == "allow" else g] = d[g]
                 row = Row(name, rate, r, cpu, box1[0] - box0[0], box1[1] - box0[1])
                 row.ours = sum(d.values())
                 kam_sock = ("127.0.0.1", s.port)
@@ -465,6 +486,15 @@ def summary(sysmap: dict[str, System], systems: list[str], rates: list[float], s
                   f"{fmt(pr.r.q(0.5), 2)}/{fmt(pr.r.q(0.99), 2)} ms; Kamailio CPU per call "
                   f"native {fmt(nr.per_call_ms('kam'), 3)} ms, project "
                   f"{fmt(pr.per_call_ms('kam'), 3)} ms")
+    for a, b_ in (("floor", "native"), ("project", "floor")):
+        if a in best and b_ in best and best[a] is not None and best[b_] is not None:
+            x, y = best[a], best[b_]
+            assert x is not None and y is not None
+            a_top = not any(row.r.failed for row in sysmap[a].rows)
+            b_top = not any(row.r.failed for row in sysmap[b_].rows)
+            bound = "" if not (a_top or b_top) else ">= " if a_top and not b_top else (
+                "<= " if b_top and not a_top else "? ")
+            print(f"  ratio {a}/{b_}: {bound}{x.rate / y.rate:.2f}")
     if "project" in best and best["project"] is not None:
         b = best["project"]
         assert b is not None

@@ -398,6 +398,28 @@ class Stack:
                 raise RuntimeError(f"sidecar did not become healthy:\n{p.tail()}")
         raise RuntimeError("sidecar: no free port")
 
+    def start_allow_server(self, callee: str) -> tuple[Proc, str]:
+        """bench/allow_server.py: answers kamailio.cfg as the sidecar would, deciding nothing."""
+        for _ in range(5):
+            port = free_port()
+            p = Proc("allow", [sys.executable, str(ROOT / "bench" / "allow_server.py"),
+                               str(port), callee], self.workdir / f"allow-{port}.log")
+            self.procs.append(p)
+            url = f"http://127.0.0.1:{port}"
+            end = time.monotonic() + 20
+            while time.monotonic() < end and p.alive():
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                        if r.status == 200:
+                            return p, url
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            p.stop()
+            if not p.bind_failed():
+                raise RuntimeError(f"allow server did not start:\n{p.tail()}")
+        raise RuntimeError("allow server: no free port")
+
     # -- Kamailio -------------------------------------------------------------------
     def start_kamailio(self, name: str, cfg: Path, defines: list[str], shm_mb: int = 512,
                        check: bool = True) -> tuple[Proc, int]:
