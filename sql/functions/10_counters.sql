@@ -47,31 +47,37 @@ BEGIN
 END $$;
 
 -- Add p_sign for every occurrence of a key (a key listed twice moves twice): one UPDATE of
--- accounts and one of channels for a whole batch, rows locked in canonical order first.
+-- accounts and one of channels for a whole batch, rows locked in canonical order first. The
+-- keys are counted first: a batch lists a few counters hundreds of times.
 CREATE OR REPLACE FUNCTION apply_counters(p_keys text[], p_sign integer)
 RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_keys  text[];     -- each key once, v_times[i] the occurrences of v_keys[i]
+    v_times integer[];
 BEGIN
     IF coalesce(cardinality(p_keys), 0) = 0 THEN
         RETURN;
     END IF;
-    PERFORM lock_counters(p_keys);
+    SELECT array_agg(k), array_agg(n) INTO v_keys, v_times
+    FROM (SELECT k, count(*)::integer AS n FROM unnest(p_keys) k GROUP BY k) u;
+    PERFORM lock_counters(v_keys);
     UPDATE accounts a
     SET calls_active = a.calls_active + p_sign * d.calls,
         public_active = a.public_active + p_sign * d.public,
         internal_active = a.internal_active + p_sign * d.internal
     FROM (
         SELECT split_part(k, ':', 2) AS id,
-               count(*) FILTER (WHERE split_part(k, ':', 3) = 'calls') AS calls,
-               count(*) FILTER (WHERE split_part(k, ':', 3) = 'public') AS public,
-               count(*) FILTER (WHERE split_part(k, ':', 3) = 'internal') AS internal
-        FROM unnest(p_keys) k WHERE k LIKE 'account:%' GROUP BY 1
+               coalesce(sum(n) FILTER (WHERE split_part(k, ':', 3) = 'calls'), 0) AS calls,
+               coalesce(sum(n) FILTER (WHERE split_part(k, ':', 3) = 'public'), 0) AS public,
+               coalesce(sum(n) FILTER (WHERE split_part(k, ':', 3) = 'internal'), 0) AS internal
+        FROM unnest(v_keys, v_times) u(k, n) WHERE k LIKE 'account:%' GROUP BY 1
     ) d
     WHERE a.id = d.id;
     UPDATE channels c
     SET calls_active = c.calls_active + p_sign * d.n
     FROM (
-        SELECT split_part(k, ':', 2) AS id, count(*) AS n
-        FROM unnest(p_keys) k WHERE k LIKE 'channel:%' GROUP BY 1
+        SELECT split_part(k, ':', 2) AS id, sum(n) AS n
+        FROM unnest(v_keys, v_times) u(k, n) WHERE k LIKE 'channel:%' GROUP BY 1
     ) d
     WHERE c.id = d.id;
 END $$;
