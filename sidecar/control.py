@@ -27,8 +27,10 @@ from .state import METRICS, POOL, SCHEDULER, SETTINGS
 
 log = logging.getLogger("sidecar.calls")
 
+# The sources go as text and are cast by PostgreSQL: asyncpg's inet encoder builds a Python
+# ipaddress object per element (3 us each).
 _ADMIT_BATCH = (
-    "SELECT admit_batch($1, $2, $3::inet[], $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    "SELECT admit_batch($1, $2, $3::text[]::inet[], $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
 )
 _EVENTS = "SELECT control_events($1, $2, $3, $4, $5, $6, $7)"
 _RECONCILE = "SELECT * FROM reconcile_node($1, $2, $3, $4, $5, $6, $7, $8)"
