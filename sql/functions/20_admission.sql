@@ -6,8 +6,9 @@
 --   plan_leg()      one leg: its class, the counters it needs (leg_keys), its channels
 --   decide_leg()    whether a leg has room, and through which channel
 --   admit_batch()   a batch of INVITEs in arrival order: classify them all, lock and read
---                   every counter they may need once, decide each call in memory, write each
---                   call as one row, and move every counter of the batch in one UPDATE
+--                   every counter they may need once, decide each call in memory, write the
+--                   calls (one row each) in one INSERT, and move every counter of the batch
+--                   in one UPDATE
 --
 -- Applied by every `sidecar migrate` (CREATE OR REPLACE), after sql/migrations/.
 
@@ -275,6 +276,17 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY(SELECT DISTINCT regexp_replace(k, ':[a-z]+$', ':cps') FROM unnest(p_slot_keys) k)
 $$;
 
+-- Write the calls a batch decided, in order: one INSERT for the batch (a statement per call
+-- cost more than the row it wrote).
+CREATE OR REPLACE FUNCTION write_calls(p_rows calls[]) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO calls (call_id, from_tag, state, origin, destination, node, boot, late,
+                       decision, answered_at, expires_at, slot_legs, slot_keys)
+    SELECT call_id, from_tag, state, origin, destination, node, boot, late,
+           decision, answered_at, expires_at, slot_legs, slot_keys
+    FROM unnest(p_rows);
+END $$;
+
 -- Decide several initial INVITEs in arrival order; returns the decisions in the same order,
 -- as jsonb text:
 --   {"action": "relay", "legs": [{"leg", "uri", "lookup", "class", "to", "channel"}, ...]}
@@ -294,9 +306,9 @@ $$;
 -- The batch is decided in two passes. First every call is classified (known already? who
 -- calls? which legs?), and every counter any of them may need is locked and read at once.
 -- Then each call is decided against those counters in memory, in arrival order (earlier
--- calls use room first), and written as one row; the counters move once, at the end. A call
--- asked twice in one batch (a retransmission) is decided when its turn comes, after what
--- came before it is written, as a batch of its own.
+-- calls use room first), as one row; the rows are written, and the counters move, once, at
+-- the end. A call asked twice in one batch (a retransmission) is decided when its turn
+-- comes, after what came before it is written, as a batch of its own.
 CREATE OR REPLACE FUNCTION admit_batch(
     p_call_ids   text[],
     p_from_tags  text[],
@@ -328,6 +340,8 @@ DECLARE
     v_accounts text[];             -- the caller's account chain (refusals name their side)
     v_acquired text[] := '{}';     -- every slot the batch takes (counter increments)
     v_refused  text[] := '{}';     -- the counter of every call refused for a limit
+    v_rows     calls[] := '{}';    -- the calls decided, in order, not written yet
+    v_row      calls;
     v_origin   record;
     v_legs     planned_leg[];
     v_leg      planned_leg;
@@ -392,8 +406,10 @@ BEGIN
         IF v_again[i] THEN
             -- Write what came before, then decide it alone (it sees its twin), then read the
             -- counters again for the calls after it.
+            PERFORM write_calls(v_rows);
             PERFORM apply_counters(v_acquired, 1);
             PERFORM store_cps(v_cps);
+            v_rows := '{}';
             v_acquired := '{}';
             v_out[i] := (admit_batch(p_call_ids[i:i], p_from_tags[i:i], p_sources[i:i],
                                      p_from_users[i:i], p_to_users[i:i], p_auth_users[i:i],
@@ -498,17 +514,25 @@ BEGIN
             END LOOP;
         END IF;
 
-        -- 4. Write the call. Refused when leg 0 is, or when nothing rings: for the first
+        -- 4. The call's row. Refused when leg 0 is, or when nothing rings: for the first
         --    limit that refused a leg, else because no forward target can be reached. A
         --    refused call holds nothing.
+        v_row.call_id := p_call_ids[i];
+        v_row.from_tag := p_from_tags[i];
+        v_row.origin := v_origins[i];
+        v_row.destination := p_to_users[i];
+        v_row.node := p_nodes[i];
+        v_row.boot := p_boots[i];
+        v_row.late := p_lates[i];
         IF jsonb_array_length(v_rung) = 0 THEN
             v_decision := CASE WHEN v_refusal IS NULL
                                THEN '{"action": "reject", "why": "not_found"}'
                                ELSE '{"action": "reject", "limit": true}' || v_refusal END;
-            INSERT INTO calls (call_id, from_tag, state, origin, destination, node, boot, late,
-                               decision, expires_at)
-            VALUES (p_call_ids[i], p_from_tags[i], 'refused', v_origins[i], p_to_users[i],
-                    p_nodes[i], p_boots[i], p_lates[i], v_decision, now() + p_ring_ttl);
+            v_row.state := 'refused';
+            v_row.answered_at := NULL;
+            v_row.expires_at := now() + p_ring_ttl;
+            v_row.slot_legs := '{}';
+            v_row.slot_keys := '{}';
             IF v_refusal IS NOT NULL THEN
                 v_refused := v_refused || (v_refusal ->> 'counter');
             END IF;
@@ -519,22 +543,23 @@ BEGIN
             END IF;
             -- A late admission is of a call already answered (on an unknown leg: every slot
             -- stays).
-            INSERT INTO calls (call_id, from_tag, state, origin, destination, node, boot, late,
-                               decision, answered_at, expires_at, slot_legs, slot_keys)
-            VALUES (p_call_ids[i], p_from_tags[i],
-                    CASE WHEN p_lates[i] THEN 'answered' ELSE 'ringing' END,
-                    v_origins[i], p_to_users[i], p_nodes[i], p_boots[i], p_lates[i],
-                    v_decision, CASE WHEN p_lates[i] THEN now() END,
-                    now() + CASE WHEN p_lates[i] THEN p_max_duration ELSE p_ring_ttl END,
-                    v_slot_leg, v_slot_key);
+            v_row.state := CASE WHEN p_lates[i] THEN 'answered' ELSE 'ringing' END;
+            v_row.answered_at := CASE WHEN p_lates[i] THEN now() END;
+            v_row.expires_at := now() + CASE WHEN p_lates[i] THEN p_max_duration
+                                             ELSE p_ring_ttl END;
+            v_row.slot_legs := v_slot_leg;
+            v_row.slot_keys := v_slot_key;
             v_room := v_call_room;
             v_cps := v_call_cps;
             v_acquired := v_acquired || v_take;
         END IF;
+        v_row.decision := v_decision;
+        v_rows := v_rows || v_row;
         v_out[i] := v_decision;
     END LOOP;
 
-    -- 5. The counters, the buckets and the refusals, once for the batch.
+    -- 5. The calls, the counters, the buckets and the refusals, once for the batch.
+    PERFORM write_calls(v_rows);
     PERFORM apply_counters(v_acquired, 1);
     PERFORM store_cps(v_cps);
     IF cardinality(v_refused) > 0 THEN
