@@ -3,8 +3,11 @@ are decided together, in arrival order, in one transaction and one commit.
 
 One batch runs at a time per sidecar (and, through the advisory lock the batch functions
 take, one at a time across replicas: sql/migrations/004_group_commit.sql). Answers and
-releases go first, and when both kinds wait the two take turns: an event never waits behind
-more than one admission batch, and a stream of events never starves admissions. An admission
+releases go first. When both kinds wait, one batch of each goes in one transaction, events
+first (`tick`, sql/functions/50_tick.sql): one round trip and one commit instead of two, and
+neither kind ever waits behind the other. Without a tick runner they take turns: an event
+never waits behind more than one admission batch, and a stream of events never starves
+admissions. An admission
 whose answer would come after Kamailio gave up (its deadline) is refused at once with
 `Overloaded` (a quick 503, Kamailio's failure policy applies) instead of being decided for
 nobody.
@@ -23,6 +26,8 @@ from typing import Any
 log = logging.getLogger("sidecar.batching")
 
 Runner = Callable[[list[Any]], Awaitable[list[Any]]]
+# events, admissions -> their results, in one transaction
+TickRunner = Callable[[list[Any], list[Any]], Awaitable[tuple[list[Any], list[Any]]]]
 
 # Seconds between a decision and Kamailio acting on it: the HTTP answer and the resumption
 # of the suspended transaction. An admission is shed unless it can be decided this long
@@ -54,7 +59,8 @@ class _Queue:
 
 
 class Scheduler:
-    """Two queues, one batch in flight: `events` (answers, releases) first, then turns."""
+    """Two queues, one batch in flight: `events` (answers, releases) first; both together
+    in one tick when both wait (else turns)."""
 
     def __init__(
         self,
@@ -62,9 +68,11 @@ class Scheduler:
         run_admissions: Runner,
         max_batch: int,
         on_batch: Callable[[str, int, float], None] | None = None,
+        run_tick: TickRunner | None = None,
     ) -> None:
         self._events = _Queue("events", run_events, max_batch)
         self._admissions = _Queue("admissions", run_admissions, max_batch)
+        self._run_tick = run_tick
         self._running: asyncio.Task[None] | None = None
         self._on_batch = on_batch
         # How long a batch takes (moving average): an admission is shed when what it has
@@ -140,6 +148,10 @@ class Scheduler:
         try:
             last: _Queue | None = None
             while True:
+                if self._run_tick is not None and self._events.waiting \
+                        and self._admissions.waiting:
+                    await self._tick()
+                    continue
                 queue = self._next(last)
                 last = queue
                 batch = self._take(queue)
@@ -179,6 +191,39 @@ class Scheduler:
             batch.append(w)
         return batch or None
 
+    async def _tick(self) -> None:
+        """A batch of events and one of admissions in one transaction, events first. Should
+        it fail, nothing of it was applied: each batch is then run on its own (with its own
+        one-by-one fallback), so that one bad request fails no neighbour of either kind."""
+        assert self._run_tick is not None
+        events = self._take(self._events)
+        admissions = self._take(self._admissions)
+        if not events or not admissions:  # the other kind was all shed or gone meanwhile
+            for queue, batch in ((self._events, events), (self._admissions, admissions)):
+                if batch:
+                    await self._run(queue, batch)
+            return
+        started = time.monotonic()
+        try:
+            ev_results, adm_results = await self._run_tick(
+                [w.item for w in events], [w.item for w in admissions])
+        except Exception as exc:  # noqa: BLE001 - decided again apart below
+            log.warning("tick failed, deciding each kind apart",
+                        extra={"events": len(events), "admissions": len(admissions),
+                               "error": repr(exc)})
+            await self._run(self._events, events)
+            await self._run(self._admissions, admissions)
+            return
+        for w, result in zip(events, ev_results, strict=True):
+            _settle(w.future, result=result)
+        for w, result in zip(admissions, adm_results, strict=True):
+            _settle(w.future, result=result)
+        took = time.monotonic() - started
+        self._took("tick", len(events) + len(admissions), took)
+        if self._on_batch is not None:
+            self._on_batch("events", len(events), took)
+            self._on_batch("admissions", len(admissions), took)
+
     async def _run(self, queue: _Queue, batch: list[_Waiting]) -> None:
         started = time.monotonic()
         try:
@@ -201,13 +246,17 @@ class Scheduler:
             for w, result in zip(batch, results, strict=True):
                 _settle(w.future, result=result)
         took = time.monotonic() - started
-        if took > _SLOW_BATCH:
-            log.warning("slow batch", extra={"queue": queue.name, "size": len(batch),
-                                             "seconds": round(took, 3),
-                                             "waiting": len(queue.waiting)})
-        self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * took
+        self._took(queue.name, len(batch), took)
         if self._on_batch is not None:
             self._on_batch(queue.name, len(batch), took)
+
+    def _took(self, name: str, size: int, took: float) -> None:
+        """A batch's time: the estimate that sheds admissions, and a warning when slow."""
+        if took > _SLOW_BATCH:
+            log.warning("slow batch", extra={
+                "queue": name, "size": size, "seconds": round(took, 3),
+                "waiting": len(self._events.waiting) + len(self._admissions.waiting)})
+        self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * took
 
 
 def _settle(

@@ -33,6 +33,11 @@ _ADMIT_BATCH = (
     "SELECT admit_batch($1, $2, $3::text[]::inet[], $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
 )
 _EVENTS = "SELECT control_events($1, $2, $3, $4, $5, $6, $7)"
+_TICK = ("SELECT * FROM control_tick($1, $2, $3, $4, $5, $6, $7, $8::text[]::inet[], $9, $10,"
+         " $11, $12, $13, $14, $15, $16, $17, $18)")
+_ADMIT_FIELDS = ("call_id", "from_tag", "source", "from_user", "to_user", "auth_user", "node",
+                 "boot", "late")
+_EVENT_FIELDS = ("type", "call_id", "from_tag", "leg", "reason")
 _RECONCILE = "SELECT * FROM reconcile_node($1, $2, $3, $4, $5, $6, $7, $8)"
 # The node as this heartbeat shows it (GET /v1/nodes, the operator's page); a new boot id
 # restarts booted_at.
@@ -179,8 +184,9 @@ def columns(items: list[Any], names: tuple[str, ...]) -> list[list[Any]]:
 
 
 def make_scheduler(app: web.Application) -> Scheduler:
-    """Group commit of the control requests: admissions and events (answers, releases) each
-    decided by batch in one transaction, events first (batching.py)."""
+    """Group commit of the control requests: admissions and events (answers, releases)
+    decided by batch in one transaction, events first; one of each kind together when both
+    wait (batching.py)."""
     settings = app[SETTINGS]
     metrics = app[METRICS]
     ring_ttl = timedelta(seconds=settings.ringing_ttl)
@@ -189,8 +195,7 @@ def make_scheduler(app: web.Application) -> Scheduler:
     async def run_admissions(items: list[AdmitRequest]) -> list[Any]:
         raw = await app[POOL].fetchval(
             _ADMIT_BATCH,
-            *columns(items, ("call_id", "from_tag", "source", "from_user", "to_user",
-                             "auth_user", "node", "boot", "late")),
+            *columns(items, _ADMIT_FIELDS),
             settings.shadow,
             settings.sip_realm,
             ring_ttl,
@@ -201,16 +206,30 @@ def make_scheduler(app: web.Application) -> Scheduler:
     async def run_events(items: list[Event]) -> list[Any]:
         out = await app[POOL].fetchval(
             _EVENTS,
-            *columns(items, ("type", "call_id", "from_tag", "leg", "reason")),
+            *columns(items, _EVENT_FIELDS),
             max_duration,
             ring_ttl,  # how long a release's tombstone lasts
         )
         return list(out)
 
+    async def run_tick(
+        events: list[Event], admissions: list[AdmitRequest]
+    ) -> tuple[list[Any], list[Any]]:
+        row = await app[POOL].fetchrow(
+            _TICK,
+            *columns(events, _EVENT_FIELDS),
+            *columns(admissions, _ADMIT_FIELDS),
+            settings.shadow,
+            settings.sip_realm,
+            ring_ttl,
+            max_duration,
+        )
+        return list(row["events"]), list(row["admissions"])
+
     def on_batch(queue: str, size: int, seconds: float) -> None:
         metrics.batch_size.labels(queue).observe(size)
 
-    return Scheduler(run_events, run_admissions, settings.batch_max, on_batch)
+    return Scheduler(run_events, run_admissions, settings.batch_max, on_batch, run_tick)
 
 
 def deadline(request: web.Request) -> float:

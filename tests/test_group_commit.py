@@ -250,3 +250,119 @@ async def test_a_stale_estimate_never_sheds_an_idle_scheduler() -> None:
         pass
     stuck.set()
     assert await first == 1
+
+
+async def test_events_and_admissions_that_wait_together_share_one_tick() -> None:
+    """When both kinds wait, one batch of each goes in one tick (one transaction), the
+    events first; when the tick fails nothing of it was applied, and each kind is decided
+    apart, so that a bad request fails only itself."""
+    log: list[tuple[str, list[Any]]] = []
+    gate = asyncio.Event()
+
+    async def run_events(items: list[str]) -> list[str]:
+        log.append(("events", items))
+        if "bad-event" in items:
+            raise ValueError("bad event")
+        return [f"e:{i}" for i in items]
+
+    async def run_admissions(items: list[str]) -> list[str]:
+        log.append(("admissions", items))
+        if items == ["blocker"]:
+            await gate.wait()
+        return [f"a:{i}" for i in items]
+
+    async def run_tick(events: list[str], admissions: list[str]) -> tuple[list[str], list[str]]:
+        log.append(("tick", [events, admissions]))
+        if "bad-event" in events:
+            raise ValueError("bad event")
+        return [f"e:{i}" for i in events], [f"a:{i}" for i in admissions]
+
+    sched = Scheduler(run_events, run_admissions, max_batch=50, run_tick=run_tick)
+    # a batch in flight; meanwhile two admissions and two events arrive
+    blocker = asyncio.create_task(sched.admission("blocker", None))
+    await asyncio.sleep(0.01)
+    adm = [asyncio.create_task(sched.admission(x, None)) for x in ("i1", "i2")]
+    evs = asyncio.create_task(sched.events(["r1", "r2"]))
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert await blocker == "a:blocker"
+    assert [await t for t in adm] == ["a:i1", "a:i2"]
+    assert await evs == ["e:r1", "e:r2"]
+    assert log == [("admissions", ["blocker"]), ("tick", [["r1", "r2"], ["i1", "i2"]])]
+
+    # A failing tick: each kind alone, then one by one; only the bad event fails.
+    log.clear()
+    gate.clear()
+    blocker = asyncio.create_task(sched.admission("blocker", None))
+    await asyncio.sleep(0.01)
+    adm = [asyncio.create_task(sched.admission("i3", None))]
+    ev_tasks = [asyncio.create_task(sched.event(x)) for x in ("r3", "bad-event")]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await blocker
+    assert await adm[0] == "a:i3"
+    assert await ev_tasks[0] == "e:r3"
+    try:
+        await ev_tasks[1]
+        raise AssertionError("the bad event did not fail")
+    except ValueError:
+        pass
+    assert log == [
+        ("admissions", ["blocker"]),
+        ("tick", [["r3", "bad-event"], ["i3"]]),
+        ("events", ["r3", "bad-event"]),
+        ("events", ["r3"]),
+        ("events", ["bad-event"]),
+        ("admissions", ["i3"]),
+    ]
+
+
+async def test_a_tick_applies_its_releases_before_its_admissions(database_url: str) -> None:
+    """Through the real sidecar and PostgreSQL (control_tick): the account is full (10 of
+    10); while a batch waits on the counters' lock, 4 releases and 6 admissions queue up.
+    They go in one tick, releases first, so exactly 4 of the 6 find room, in arrival order;
+    counters exact."""
+    async with running_sidecar(database_url, ringing_ttl=30) as sc:
+        await sc.put_config(OFFICE)
+        for i in range(10):
+            assert (await sc.admit(f"full{i}", to="1002", source="127.0.0.2",
+                                   from_user="app"))["action"] == "relay"
+        holder = await asyncpg.connect(database_url)
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("SELECT sidecar_counters_lock()")
+            # the batch in flight, stuck behind the lock: one more admission (refused: full)
+            first = asyncio.create_task(sc.request(
+                "POST", "/v1/control/admit", admit_body("stuck"), admin=False))
+            await asyncio.sleep(0.2)
+            releases = asyncio.create_task(events(sc, [
+                {"type": "release", "call_id": f"full{i}", "from_tag": "ft", "reason": "bye"}
+                for i in range(4)
+            ]))
+            admissions = []
+            for i in range(6):
+                admissions.append(asyncio.create_task(sc.request(
+                    "POST", "/v1/control/admit", admit_body(f"new{i}"), admin=False)))
+                await asyncio.sleep(0.01)  # arrival order
+            await asyncio.sleep(0.2)
+            await tx.rollback()
+        finally:
+            await holder.close()
+        status, body = await first
+        assert status == 200 and body["action"] == "reject", body
+        status, body = await releases
+        assert status == 200 and [r["changed"] for r in body["results"]] == [True] * 4, body
+        actions = [(await t)[1]["action"] for t in admissions]
+        assert actions == ["relay"] * 4 + ["reject"] * 2, actions
+        assert await active(sc) == 10
+        # one transaction wrote the releases and the admissions: one xmin for their rows
+        conn = await asyncpg.connect(database_url)
+        try:
+            xmins = await conn.fetchval(
+                "SELECT count(DISTINCT xmin::text) FROM calls WHERE call_id = ANY ($1)",
+                [f"full{i}" for i in range(4)] + [f"new{i}" for i in range(6)])
+        finally:
+            await conn.close()
+        assert xmins == 1
+    assert await counter_drift(database_url) == []
