@@ -333,8 +333,10 @@ async def test_a_tick_applies_its_releases_before_its_admissions(database_url: s
             await tx.start()
             await holder.execute("SELECT sidecar_counters_lock()")
             # the batch in flight, stuck behind the lock: one more admission (refused: full)
+            # (a deadline long enough that nothing queued behind the lock is shed)
+            wait = {"X-Deadline-Ms": "20000"}
             first = asyncio.create_task(sc.request(
-                "POST", "/v1/control/admit", admit_body("stuck"), admin=False))
+                "POST", "/v1/control/admit", admit_body("stuck"), admin=False, headers=wait))
             await asyncio.sleep(0.2)
             releases = asyncio.create_task(events(sc, [
                 {"type": "release", "call_id": f"full{i}", "from_tag": "ft", "reason": "bye"}
@@ -343,7 +345,8 @@ async def test_a_tick_applies_its_releases_before_its_admissions(database_url: s
             admissions = []
             for i in range(6):
                 admissions.append(asyncio.create_task(sc.request(
-                    "POST", "/v1/control/admit", admit_body(f"new{i}"), admin=False)))
+                    "POST", "/v1/control/admit", admit_body(f"new{i}"), admin=False,
+                    headers=wait)))
                 await asyncio.sleep(0.01)  # arrival order
             await asyncio.sleep(0.2)
             await tx.rollback()
