@@ -340,9 +340,19 @@ def _uac_main(conn: Any, ip: str, token: str) -> None:
             loop.stop()
             return
         if msg[0] == "step":
-            uac.start_step(msg[1], conn.send)
+            uac.start_step(msg[1], send)
         elif msg[0] == "quit":
             loop.stop()
+
+    def send(result: Any) -> None:
+        # The event loop made the pipe non-blocking (add_reader): a long step's latencies
+        # are more than the pipe holds, so the step's result is written blocking (the
+        # parent is reading it).
+        os.set_blocking(conn.fileno(), True)
+        try:
+            conn.send(result)
+        finally:
+            os.set_blocking(conn.fileno(), False)
 
     loop.add_reader(conn.fileno(), on_cmd)
     conn.send(("ready", uac.port))

@@ -69,8 +69,9 @@ class Scheduler:
         max_batch: int,
         on_batch: Callable[[str, int, float], None] | None = None,
         run_tick: TickRunner | None = None,
+        max_events: int | None = None,
     ) -> None:
-        self._events = _Queue("events", run_events, max_batch)
+        self._events = _Queue("events", run_events, max_events or max_batch)
         self._admissions = _Queue("admissions", run_admissions, max_batch)
         self._run_tick = run_tick
         self._running: asyncio.Task[None] | None = None

@@ -229,7 +229,8 @@ def make_scheduler(app: web.Application) -> Scheduler:
     def on_batch(queue: str, size: int, seconds: float) -> None:
         metrics.batch_size.labels(queue).observe(size)
 
-    return Scheduler(run_events, run_admissions, settings.batch_max, on_batch, run_tick)
+    return Scheduler(run_events, run_admissions, settings.batch_max, on_batch, run_tick,
+                     settings.events_batch_max)
 
 
 def deadline(request: web.Request) -> float:

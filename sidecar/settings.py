@@ -107,6 +107,14 @@ class Settings:
     # Measured: through Kamailio, 1,200 CPS without a failure with 50 (642 of 9,600 calls
     # failed with 16); the admission API alone at 64 in flight preferred 16 (579/s vs 480).
     batch_max: int = field(default_factory=lambda: _int("SIDECAR_BATCH_MAX", 50))
+    # Largest number of answers and releases applied in one transaction. They move the
+    # counters once per batch and cost about 30 us of PostgreSQL each, and Kamailio's outbox
+    # posts them serially, a batch at a time: with batches of 50 one POST of 200 events
+    # took four transactions in a row, and at 1,500 calls/s (3,000 events/s) the outbox fell
+    # behind, ringing calls piling up by hundreds per second (bench/RESULTS.md).
+    events_batch_max: int = field(
+        default_factory=lambda: _int("SIDECAR_EVENTS_BATCH_MAX", 250)
+    )
     # Milliseconds Kamailio waits for an admission when it does not say (X-Deadline-Ms): an
     # admission that cannot be decided within it is shed at once with a 503 (Kamailio's
     # failure policy then applies) instead of being decided after Kamailio gave up.
