@@ -375,13 +375,26 @@ class Stack:
         path.write_text(json.dumps(doc, indent=1))
         self.sidecar_cli("import", str(path))
 
-    # -- the sidecar --------------------------------------------------------------
+    # -- the sidecar (and the floor's allow server) ----------------------------------------
     def start_sidecar(self, **env: str) -> tuple[Proc, str]:
+        def start(port: int) -> Proc:
+            return Proc("sidecar", [str(SIDECAR), "serve"], self.workdir / f"sidecar-{port}.log",
+                        env=self.sidecar_env(SIDECAR_PORT=str(port), **env), cwd=ROOT)
+        return self._start_http("sidecar", start)
+
+    def start_allow_server(self, callee: str) -> tuple[Proc, str]:
+        """bench/allow_server.py: answers kamailio.cfg as the sidecar would, deciding nothing."""
+        def start(port: int) -> Proc:
+            return Proc("allow", [sys.executable, str(ROOT / "bench" / "allow_server.py"),
+                                  str(port), callee], self.workdir / f"allow-{port}.log")
+        return self._start_http("allow server", start)
+
+    def _start_http(self, name: str, start: Any) -> tuple[Proc, str]:
+        """start(port) on a free port until /health answers 200 (another port when the
+        chosen one was taken meanwhile)."""
         for _ in range(5):
             port = free_port()
-            e = self.sidecar_env(SIDECAR_PORT=str(port), **env)
-            p = Proc("sidecar", [str(SIDECAR), "serve"], self.workdir / f"sidecar-{port}.log",
-                     env=e, cwd=ROOT)
+            p = start(port)
             self.procs.append(p)
             url = f"http://127.0.0.1:{port}"
             end = time.monotonic() + 30
@@ -395,30 +408,8 @@ class Stack:
                 time.sleep(0.1)
             p.stop()
             if not p.bind_failed():
-                raise RuntimeError(f"sidecar did not become healthy:\n{p.tail()}")
-        raise RuntimeError("sidecar: no free port")
-
-    def start_allow_server(self, callee: str) -> tuple[Proc, str]:
-        """bench/allow_server.py: answers kamailio.cfg as the sidecar would, deciding nothing."""
-        for _ in range(5):
-            port = free_port()
-            p = Proc("allow", [sys.executable, str(ROOT / "bench" / "allow_server.py"),
-                               str(port), callee], self.workdir / f"allow-{port}.log")
-            self.procs.append(p)
-            url = f"http://127.0.0.1:{port}"
-            end = time.monotonic() + 20
-            while time.monotonic() < end and p.alive():
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                        if r.status == 200:
-                            return p, url
-                except OSError:
-                    pass
-                time.sleep(0.1)
-            p.stop()
-            if not p.bind_failed():
-                raise RuntimeError(f"allow server did not start:\n{p.tail()}")
-        raise RuntimeError("allow server: no free port")
+                raise RuntimeError(f"{name} did not become healthy:\n{p.tail()}")
+        raise RuntimeError(f"{name}: no free port")
 
     # -- Kamailio -------------------------------------------------------------------
     def start_kamailio(self, name: str, cfg: Path, defines: list[str], shm_mb: int = 512,

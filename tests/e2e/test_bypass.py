@@ -432,7 +432,8 @@ async def outage_front(sidecar_url: str) -> AsyncIterator[str]:
         if request.path == "/v1/control/admit" and not json.loads(body).get("late"):
             return web.json_response({"error": {"code": "down"}}, status=503)
         async with aiohttp.ClientSession() as s, s.post(
-            sidecar_url + request.path, data=body, headers={"Content-Type": "application/json"}
+            sidecar_url + request.path, data=body,
+            headers={"Content-Type": request.headers.get("Content-Type", "application/json")},
         ) as r:
             return web.Response(
                 body=await r.read(), status=r.status, content_type="application/json"
