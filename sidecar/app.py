@@ -54,6 +54,25 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
         request.app[METRICS].requests.labels(request.method, route_name(request), status).inc()
 
 
+def failure_response(app: web.Application, route: str, path: str,
+                     exc: Exception) -> web.Response:
+    """What a failure of a handler answers (call it from an `except` block: it logs the
+    traceback): PostgreSQL unreachable → 503; anything unexpected → 500, in the JSON error
+    shape. Shared by the middleware and the call-control front end (control_http.py)."""
+    if isinstance(exc, _UNAVAILABLE):
+        app[METRICS].db_errors.labels(route).inc()
+        log.error("database unavailable", extra={"path": path, "error": repr(exc)})
+        return error_response(503, "database_unavailable", "PostgreSQL is unreachable")
+    if isinstance(exc, asyncpg.PostgresError):
+        app[METRICS].db_errors.labels(route).inc()
+        if exc.sqlstate and exc.sqlstate.startswith("23"):  # integrity constraint violation
+            return error_response(409, "constraint_violation", str(exc))
+        log.exception("database error", extra={"path": path})
+        return error_response(500, "database_error", "the database refused the request")
+    log.exception("unexpected error", extra={"path": path})
+    return error_response(500, "internal_error", "unexpected error; see the sidecar log")
+
+
 @web.middleware
 async def failure_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """PostgreSQL unreachable → 503; anything unexpected → 500 with the JSON error shape."""
@@ -61,19 +80,8 @@ async def failure_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return await handler(request)
     except web.HTTPException:
         raise
-    except _UNAVAILABLE as exc:
-        request.app[METRICS].db_errors.labels(route_name(request)).inc()
-        log.error("database unavailable", extra={"path": request.path, "error": repr(exc)})
-        return error_response(503, "database_unavailable", "PostgreSQL is unreachable")
-    except asyncpg.PostgresError as exc:
-        request.app[METRICS].db_errors.labels(route_name(request)).inc()
-        if exc.sqlstate and exc.sqlstate.startswith("23"):  # integrity constraint violation
-            return error_response(409, "constraint_violation", str(exc))
-        log.exception("database error", extra={"path": request.path})
-        return error_response(500, "database_error", "the database refused the request")
-    except Exception:
-        log.exception("unexpected error", extra={"path": request.path})
-        return error_response(500, "internal_error", "unexpected error; see the sidecar log")
+    except Exception as exc:  # noqa: BLE001 - every failure gets the JSON error shape
+        return failure_response(request.app, route_name(request), request.path, exc)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -148,12 +148,13 @@ async def _serve(settings: Settings) -> None:
     from aiohttp import web
 
     from .app import create_app
+    from .control_http import ControlSite
     from .state import STOPPING
 
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = ControlSite(runner, settings.host, settings.port)
     await site.start()
     log.info(
         "listening",

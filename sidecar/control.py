@@ -22,7 +22,16 @@ from aiohttp import web
 from . import db
 from .batching import Overloaded, Scheduler
 from .errors import ApiError
-from .jsonio import NDJSON, check, parse_lines, read_body, read_json, read_raw, respond
+from .jsonio import (
+    NDJSON,
+    Incoming,
+    check,
+    parse_lines,
+    read_body,
+    read_json,
+    read_raw,
+    respond,
+)
 from .state import METRICS, POOL, SCHEDULER, SETTINGS
 
 log = logging.getLogger("sidecar.calls")
@@ -47,17 +56,17 @@ _NODE_SEEN = """
     ON CONFLICT (node) DO UPDATE SET
         boot = EXCLUDED.boot, seen_at = EXCLUDED.seen_at, dialogs = EXCLUDED.dialogs,
         booted_at = CASE WHEN n.boot = EXCLUDED.boot THEN n.booted_at ELSE EXCLUDED.booted_at END"""
-_CONTROL_BODY_MAX = 256 << 10  # admit, answer, release: one call each
-_EVENTS_BODY_MAX = 4 << 20
+CONTROL_BODY_MAX = 256 << 10  # admit, answer, release: one call each
+EVENTS_BODY_MAX = 4 << 20
 # A heartbeat lists every dialog of a node: 10,000 dialogs with Call-IDs of 2048 characters
 # are about 22 MB.
-_HEARTBEAT_BODY_MAX = 32 << 20
+HEARTBEAT_BODY_MAX = 32 << 20
 _HEARTBEAT_MAX_DIALOGS = 200_000
 
 LIMIT_REASON = "REACH_PLAN_LIMIT"
 
 
-def check_source(request: web.Request) -> None:
+def check_source(request: Incoming) -> None:
     """Only Kamailio nodes (by address) or holders of the shared secret may call."""
     settings = request.app[SETTINGS]
     secret = settings.control_secret
@@ -83,7 +92,7 @@ def _trusted_source(peer: str, sources: tuple[Any, ...]) -> bool:
     return any(addr in net for net in sources)
 
 
-def wire_decision(decision: dict[str, Any], request: web.Request) -> dict[str, Any]:
+def wire_decision(decision: dict[str, Any], request: Incoming) -> dict[str, Any]:
     """The database's decision in the shape Kamailio acts on (codes are deployment settings)."""
     settings = request.app[SETTINGS]
     action = decision["action"]
@@ -233,7 +242,7 @@ def make_scheduler(app: web.Application) -> Scheduler:
                      settings.events_batch_max)
 
 
-def deadline(request: web.Request) -> float:
+def deadline(request: Incoming) -> float:
     """When Kamailio stops waiting for this admission (monotonic): X-Deadline-Ms, else the
     configured default."""
     ms = request.app[SETTINGS].admit_deadline_ms
@@ -243,7 +252,7 @@ def deadline(request: web.Request) -> float:
     return time.monotonic() + ms / 1000
 
 
-async def decide(request: web.Request, item: AdmitRequest, due: float | None) -> dict[str, Any]:
+async def decide(request: Incoming, item: AdmitRequest, due: float | None) -> dict[str, Any]:
     """Decide one INVITE through the group commit; returns Kamailio's answer."""
     metrics = request.app[METRICS]
     started = time.perf_counter()
@@ -271,8 +280,11 @@ async def decide(request: web.Request, item: AdmitRequest, due: float | None) ->
     # Refusals and challenges at INFO; the routine lines of a call (admitted, answered,
     # released) at DEBUG: at 1,000 calls per second they would be 3,000 lines a second and a
     # quarter of the sidecar's CPU (bench/RESULTS.md); the metrics count them all.
+    level = logging.DEBUG if out["action"] == "relay" else logging.INFO
+    if not log.isEnabledFor(level):
+        return out
     log.log(
-        logging.DEBUG if out["action"] == "relay" else logging.INFO,
+        level,
         "decision",
         extra={
             "call_id": item.call_id,
@@ -287,53 +299,65 @@ async def decide(request: web.Request, item: AdmitRequest, due: float | None) ->
     return out
 
 
-async def admit(request: web.Request) -> web.Response:
+async def admit(request: Incoming) -> web.Response:
     check_source(request)
-    body = await read_body(request, "admit", _CONTROL_BODY_MAX)
+    body = await read_body(request, "admit", CONTROL_BODY_MAX)
     item = admit_request(body)
     # A late admission (the call is up already) is never shed: it has no one waiting.
     return respond(await decide(request, item, None if item.late else deadline(request)))
 
 
-async def apply_event(request: web.Request, event: Event) -> int:
+async def apply_event(request: Incoming, event: Event) -> int:
     """Apply one answer or release through the group commit (ahead of admissions)."""
     result = int(await request.app[SCHEDULER].event(event))
-    _count_event(request, event, result)
+    _count_events(request, [event], [result])
     return result
 
 
-async def apply_events(request: web.Request, events: list[Event]) -> list[int]:
+async def apply_events(request: Incoming, events: list[Event]) -> list[int]:
     """Apply answers and releases through the group commit, in order, queued together."""
     results = [int(r) for r in await request.app[SCHEDULER].events(events)]
-    for event, result in zip(events, results, strict=True):
-        _count_event(request, event, result)
+    _count_events(request, events, results)
     return results
 
 
-def _count_event(request: web.Request, event: Event, result: int) -> None:
+def _count_events(request: Incoming, events: list[Event], results: list[int]) -> None:
+    """The metrics of applied events, one increment per label for the lot (an outbox POST
+    carries a hundred), and their DEBUG lines when DEBUG is on."""
     metrics = request.app[METRICS]
-    if event.type == "answer":
-        metrics.answers.inc()
-        log.debug("answered", extra={"call_id": event.call_id, "leg": event.leg,
-                                    "changed": bool(result)})
-    else:
+    answers = 0
+    releases: dict[str, int] = {}
+    debug = log.isEnabledFor(logging.DEBUG)
+    for event, result in zip(events, results, strict=True):
+        if event.type == "answer":
+            answers += 1
+            if debug:
+                log.debug("answered", extra={"call_id": event.call_id, "leg": event.leg,
+                                            "changed": bool(result)})
+            continue
         reason = event.reason or "unspecified"
-        metrics.releases.labels(reason if result else "unknown_call").inc()
-        log.debug("released", extra={"call_id": event.call_id, "reason": reason,
-                                    "released": result})
+        label = reason if result else "unknown_call"
+        releases[label] = releases.get(label, 0) + 1
+        if debug:
+            log.debug("released", extra={"call_id": event.call_id, "reason": reason,
+                                        "released": result})
+    if answers:
+        metrics.answers.inc(answers)
+    for label, n in releases.items():
+        metrics.releases.labels(label).inc(n)
 
 
-async def answer(request: web.Request) -> web.Response:
+async def answer(request: Incoming) -> web.Response:
     check_source(request)
-    body = await read_body(request, "answer", _CONTROL_BODY_MAX)
+    body = await read_body(request, "answer", CONTROL_BODY_MAX)
     # leg None: unknown, every slot is kept
     await apply_event(request, Event("answer", body["call_id"], body["from_tag"], body.get("leg")))
     return respond({"ok": True})
 
 
-async def release(request: web.Request) -> web.Response:
+async def release(request: Incoming) -> web.Response:
     check_source(request)
-    body = await read_body(request, "release", _CONTROL_BODY_MAX)
+    body = await read_body(request, "release", CONTROL_BODY_MAX)
     released = await apply_event(
         request,
         Event("release", body["call_id"], body.get("from_tag"),
@@ -342,7 +366,7 @@ async def release(request: web.Request) -> web.Response:
     return respond({"ok": True, "released": bool(released)})
 
 
-async def events(request: web.Request) -> web.Response:
+async def events(request: Incoming) -> web.Response:
     """A batch of answers, releases and late admissions from Kamailio's outbox, applied in
     order: `{"events": [...]}`, or (application/x-ndjson) one event per line. The batch is
     idempotent: a batch sent again after a timeout changes nothing."""
@@ -351,9 +375,9 @@ async def events(request: web.Request) -> web.Response:
         # Kamailio's outbox: one event per line, each built by jansson on its own (a batch
         # grown by jansson_append is parsed and written again for every event it takes:
         # 0.2 ms of Kamailio's CPU per call at 1,500 calls/s, bench/RESULTS.md).
-        body: Any = {"events": parse_lines(await read_raw(request, _EVENTS_BODY_MAX), "$.events")}
+        body: Any = {"events": parse_lines(await read_raw(request, EVENTS_BODY_MAX), "$.events")}
     else:
-        body = await read_json(request, _EVENTS_BODY_MAX)
+        body = await read_json(request, EVENTS_BODY_MAX)
     items = event_list(body)
     results: list[Any] = []
     # Runs of answers and releases are queued together, in order (they share batches: the
@@ -479,9 +503,9 @@ def heartbeat_body(body: Any) -> tuple[dict[str, Any], Dialogs | None]:
     return body, parse_dialogs(dialogs)
 
 
-async def heartbeat(request: web.Request) -> web.Response:
+async def heartbeat(request: Incoming) -> web.Response:
     check_source(request)
-    raw = await read_json(request, _HEARTBEAT_BODY_MAX)
+    raw = await read_json(request, HEARTBEAT_BODY_MAX)
     body, dialogs = heartbeat_body(from_rpc_reply(raw, request.headers))
     settings = request.app[SETTINGS]
     listed = dialogs or Dialogs()

@@ -47,14 +47,18 @@ _HTTP_CODES = {
 }
 
 
+def api_error_response(exc: ApiError) -> web.Response:
+    response = error_response(exc.status, exc.code, exc.message, exc.details)
+    response.headers.update(exc.headers)
+    return response
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        response = error_response(exc.status, exc.code, exc.message, exc.details)
-        response.headers.update(exc.headers)
-        return response
+        return api_error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

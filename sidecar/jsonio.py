@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import fastjsonschema
 import jsonschema
@@ -18,6 +18,30 @@ from aiohttp import web
 from .errors import ApiError
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+class Body(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class Incoming(Protocol):
+    """What a handler of a JSON body reads of its request: an aiohttp request, or one the
+    call-control front end (control_http.py) parsed itself."""
+
+    @property
+    def app(self) -> web.Application: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def remote(self) -> str | None: ...
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def body_exists(self) -> bool: ...
+    @property
+    def content(self) -> Body: ...
 
 
 @cache
@@ -108,11 +132,15 @@ def _reason(err: jsonschema.ValidationError) -> str:
 
 def integral(document: Any) -> Any:
     """The document with every float that is a whole number as an int: JSON Schema's
-    "integer" admits 3.0, and PostgreSQL's integer columns want 3."""
+    "integer" admits 3.0, and PostgreSQL's integer columns want 3. (An object of strings,
+    integers and nulls, every call-control body, is returned as it is without a call per
+    member.)"""
+    if isinstance(document, dict):
+        if not any(isinstance(v, float | dict | list) for v in document.values()):
+            return document
+        return {k: integral(v) for k, v in document.items()}
     if isinstance(document, float) and document.is_integer():
         return int(document)
-    if isinstance(document, dict):
-        return {k: integral(v) for k, v in document.items()}
     if isinstance(document, list):
         return [integral(v) for v in document]
     return document
@@ -195,12 +223,12 @@ def check(name: str, document: Any) -> Any:
     return integral(document)
 
 
-async def read_body(request: web.Request, schema: str, max_bytes: int) -> Any:
+async def read_body(request: Incoming, schema: str, max_bytes: int) -> Any:
     """The request's JSON body, validated against a schema; 413/415/400 otherwise."""
     return check(schema, await read_json(request, max_bytes))
 
 
-async def read_json(request: web.Request, max_bytes: int) -> Any:
+async def read_json(request: Incoming, max_bytes: int) -> Any:
     """The request's JSON body, not validated yet; 413/415/400 otherwise."""
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream") and request.body_exists:
@@ -230,7 +258,7 @@ def parse_lines(raw: bytes | bytearray, path: str) -> list[Any]:
     return out
 
 
-async def read_raw(request: web.Request, max_bytes: int) -> bytearray:
+async def read_raw(request: Incoming, max_bytes: int) -> bytearray:
     """The request's body, at most max_bytes (a 413 beyond)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(413, "body_too_large", f"request body exceeds {max_bytes} bytes")

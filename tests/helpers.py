@@ -12,6 +12,7 @@ import asyncpg
 from aiohttp import web
 
 from sidecar.app import create_app
+from sidecar.control_http import ControlSite
 from sidecar.settings import Settings
 
 ADMIN_TOKEN = "test-admin-token"
@@ -112,7 +113,7 @@ async def running_sidecar(database_url: str, **overrides: Any) -> AsyncIterator[
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = ControlSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
     conn = aiohttp.TCPConnector(limit=0)
