@@ -36,50 +36,75 @@ END $$;
 -- Lock the counter rows behind these keys, accounts then channels, each in id order.
 -- FOR NO KEY UPDATE is the lock the UPDATE of a counter takes anyway: it excludes every
 -- other writer of the row, but not the foreign-key checks of rows that refer to the account.
+-- (No statement for a kind the keys do not name: see move_counters().)
 CREATE OR REPLACE FUNCTION lock_counters(p_keys text[]) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    v_all text := ' ' || array_to_string(p_keys, ' ');
 BEGIN
-    PERFORM 1 FROM accounts
-    WHERE id IN (SELECT split_part(k, ':', 2) FROM unnest(p_keys) k WHERE k LIKE 'account:%')
-    ORDER BY id FOR NO KEY UPDATE;
-    PERFORM 1 FROM channels
-    WHERE id IN (SELECT split_part(k, ':', 2) FROM unnest(p_keys) k WHERE k LIKE 'channel:%')
-    ORDER BY id FOR NO KEY UPDATE;
+    IF position(' account:' IN v_all) > 0 THEN
+        PERFORM 1 FROM accounts
+        WHERE id IN (SELECT split_part(k, ':', 2) FROM unnest(p_keys) k WHERE k LIKE 'account:%')
+        ORDER BY id FOR NO KEY UPDATE;
+    END IF;
+    IF position(' channel:' IN v_all) > 0 THEN
+        PERFORM 1 FROM channels
+        WHERE id IN (SELECT split_part(k, ':', 2) FROM unnest(p_keys) k WHERE k LIKE 'channel:%')
+        ORDER BY id FOR NO KEY UPDATE;
+    END IF;
 END $$;
 
 -- Add p_sign for every occurrence of a key (a key listed twice moves twice): one UPDATE of
--- accounts and one of channels for a whole batch, rows locked in canonical order first. The
--- keys are counted first: a batch lists a few counters hundreds of times.
-CREATE OR REPLACE FUNCTION apply_counters(p_keys text[], p_sign integer)
+-- accounts and one of channels for a whole batch (none for a kind the keys do not name).
+-- The caller holds the rows' locks (lock_counters(), or counters_room() in an admission
+-- batch). The keys are counted first: a batch lists a few counters hundreds of times.
+CREATE OR REPLACE FUNCTION move_counters(p_keys text[], p_sign integer)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     v_keys  text[];     -- each key once, v_times[i] the occurrences of v_keys[i]
     v_times integer[];
+    v_all   text := ' ' || array_to_string(p_keys, ' ');
 BEGIN
     IF coalesce(cardinality(p_keys), 0) = 0 THEN
         RETURN;
     END IF;
     SELECT array_agg(k), array_agg(n) INTO v_keys, v_times
     FROM (SELECT k, count(*)::integer AS n FROM unnest(p_keys) k GROUP BY k) u;
-    PERFORM lock_counters(v_keys);
-    UPDATE accounts a
-    SET calls_active = a.calls_active + p_sign * d.calls,
-        public_active = a.public_active + p_sign * d.public,
-        internal_active = a.internal_active + p_sign * d.internal
-    FROM (
-        SELECT split_part(k, ':', 2) AS id,
-               coalesce(sum(n) FILTER (WHERE split_part(k, ':', 3) = 'calls'), 0) AS calls,
-               coalesce(sum(n) FILTER (WHERE split_part(k, ':', 3) = 'public'), 0) AS public,
-               coalesce(sum(n) FILTER (WHERE split_part(k, ':', 3) = 'internal'), 0) AS internal
-        FROM unnest(v_keys, v_times) u(k, n) WHERE k LIKE 'account:%' GROUP BY 1
-    ) d
-    WHERE a.id = d.id;
-    UPDATE channels c
-    SET calls_active = c.calls_active + p_sign * d.n
-    FROM (
-        SELECT split_part(k, ':', 2) AS id, sum(n) AS n
-        FROM unnest(v_keys, v_times) u(k, n) WHERE k LIKE 'channel:%' GROUP BY 1
-    ) d
-    WHERE c.id = d.id;
+    -- (Identifiers hold neither a space nor a colon: ' account:' is the start of a key.)
+    IF position(' account:' IN v_all) > 0 THEN
+        UPDATE accounts a
+        SET calls_active = a.calls_active + p_sign * d.calls,
+            public_active = a.public_active + p_sign * d.public,
+            internal_active = a.internal_active + p_sign * d.internal
+        FROM (
+            SELECT split_part(k, ':', 2) AS id,
+                   coalesce(sum(n) FILTER (WHERE split_part(k, ':', 3) = 'calls'), 0) AS calls,
+                   coalesce(sum(n) FILTER (WHERE split_part(k, ':', 3) = 'public'), 0) AS public,
+                   coalesce(sum(n) FILTER (WHERE split_part(k, ':', 3) = 'internal'), 0)
+                       AS internal
+            FROM unnest(v_keys, v_times) u(k, n) WHERE k LIKE 'account:%' GROUP BY 1
+        ) d
+        WHERE a.id = d.id;
+    END IF;
+    IF position(' channel:' IN v_all) > 0 THEN
+        UPDATE channels c
+        SET calls_active = c.calls_active + p_sign * d.n
+        FROM (
+            SELECT split_part(k, ':', 2) AS id, sum(n) AS n
+            FROM unnest(v_keys, v_times) u(k, n) WHERE k LIKE 'channel:%' GROUP BY 1
+        ) d
+        WHERE c.id = d.id;
+    END IF;
+END $$;
+
+-- The same, the rows locked first in canonical order (lock_counters()).
+CREATE OR REPLACE FUNCTION apply_counters(p_keys text[], p_sign integer)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(cardinality(p_keys), 0) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM lock_counters(p_keys);
+    PERFORM move_counters(p_keys, p_sign);
 END $$;
 
 -- What a call gives back when only the legs in p_keep stay (p_keep NULL: every slot goes):

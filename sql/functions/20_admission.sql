@@ -407,7 +407,7 @@ BEGIN
             -- Write what came before, then decide it alone (it sees its twin), then read the
             -- counters again for the calls after it.
             PERFORM write_calls(v_rows);
-            PERFORM apply_counters(v_acquired, 1);
+            PERFORM move_counters(v_acquired, 1);  -- locked by counters_room()
             PERFORM store_cps(v_cps);
             v_rows := '{}';
             v_acquired := '{}';
@@ -560,7 +560,7 @@ BEGIN
 
     -- 5. The calls, the counters, the buckets and the refusals, once for the batch.
     PERFORM write_calls(v_rows);
-    PERFORM apply_counters(v_acquired, 1);
+    PERFORM move_counters(v_acquired, 1);  -- locked by counters_room()
     PERFORM store_cps(v_cps);
     IF cardinality(v_refused) > 0 THEN
         PERFORM count_refusals(v_refused);

@@ -63,7 +63,6 @@ RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
     v_live  text[] := CASE WHEN p_reason = 'cancel' THEN '{ringing}'
                            ELSE '{ringing,answered}' END;
-    v_fresh boolean;
     v_legs  integer[];
     v_keys  text[];
 BEGIN
@@ -82,16 +81,23 @@ BEGIN
     IF NOT length(p_call_id) BETWEEN 1 AND 2048 OR length(p_from_tag) > 512 THEN
         RETURN NULL;
     END IF;
-    INSERT INTO calls AS c (call_id, from_tag, state, decision, expires_at)
-    VALUES (p_call_id, p_from_tag, 'released', released_decision(), now() + p_tombstone_ttl)
-    ON CONFLICT (call_id, from_tag) DO UPDATE
-        SET state = 'released', decision = EXCLUDED.decision, expires_at = EXCLUDED.expires_at
-        WHERE c.state = ANY (v_live)
-    RETURNING c.xmax = 0, c.slot_legs, c.slot_keys INTO v_fresh, v_legs, v_keys;
-    IF NOT FOUND OR v_fresh THEN
-        RETURN NULL;
+    -- The live call, the common case: one plain UPDATE (an INSERT ... ON CONFLICT DO UPDATE
+    -- locks the row it finds, then updates it: two row operations and two WAL records).
+    -- Every writer of calls' states holds the counters' lock, so nothing comes between the
+    -- UPDATE and the INSERT.
+    UPDATE calls SET state = 'released', decision = released_decision(),
+                     expires_at = now() + p_tombstone_ttl
+    WHERE call_id = p_call_id AND from_tag = p_from_tag AND state = ANY (v_live)
+    RETURNING slot_legs, slot_keys INTO v_legs, v_keys;
+    IF FOUND THEN
+        RETURN slots_given_back(v_legs, v_keys, NULL, p_mode);
     END IF;
-    RETURN slots_given_back(v_legs, v_keys, NULL, p_mode);
+    -- Not live: a tombstone when nothing is recorded; a refusal, a tombstone or an answered
+    -- call that a CANCEL crossed stays as it is.
+    INSERT INTO calls (call_id, from_tag, state, decision, expires_at)
+    VALUES (p_call_id, p_from_tag, 'released', released_decision(), now() + p_tombstone_ttl)
+    ON CONFLICT (call_id, from_tag) DO NOTHING;
+    RETURN NULL;
 END $$;
 
 -- Apply answers and releases in arrival order (an answer and the release of the same call
