@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,8 @@ TickRunner = Callable[[list[Any], list[Any]], Awaitable[tuple[list[Any], list[An
 _MARGIN = 0.03
 # A batch that takes longer than this is logged (WARNING): admissions are being shed.
 _SLOW_BATCH = 0.1
+# Transactions the wait estimate looks back on.
+_SAMPLES = 15
 
 
 class Overloaded(Exception):
@@ -76,9 +79,12 @@ class Scheduler:
         self._run_tick = run_tick
         self._running: asyncio.Task[None] | None = None
         self._on_batch = on_batch
-        # How long a batch takes (moving average): an admission is shed when what it has
-        # waited plus this would pass its deadline.
+        # How long a batch takes (moving average): a queued admission is shed when what it
+        # has waited plus this would pass its deadline.
         self.batch_seconds = 0.0
+        # The last transactions' times (_predicted_wait), and the start of the one in flight.
+        self._batch_times: deque[float] = deque(maxlen=_SAMPLES)
+        self._started: float | None = None
 
     async def event(self, item: Any) -> Any:
         return await self._submit(self._events, item, None)
@@ -125,16 +131,29 @@ class Scheduler:
                 timer.cancel()
 
     def _predicted_wait(self, queue: _Queue) -> float:
-        """How long a request joining `queue` now would wait for its answer: the batch in
-        flight, the batches of the requests ahead of it, its own, and a margin for the HTTP
-        round trip and Kamailio's resumption."""
-        ahead = len(queue.waiting) // queue.max_batch + (1 if self._running else 0)
-        # Only the work ahead of it, never its own batch: with nothing ahead the request is
-        # decided at once, so that an estimate left high by a slow moment (a checkpoint, a
-        # vacuum) is put right by the next batch instead of shedding every admission, no
-        # batch running, the estimate never coming down again. Twice the estimate: batches
-        # grow slower as the queue grows, and an answer that comes late is work for nothing.
-        return 2 * ahead * self.batch_seconds + _MARGIN
+        """How long a request joining `queue` now would wait for its answer: what is left of
+        the transaction in flight, the batches of the requests ahead of it, and a margin for
+        the HTTP round trip and Kamailio's resumption.
+
+        A batch is reckoned at the median of the last transactions, not at their running
+        average: one slow transaction (a checkpoint, a moment without CPU) made the average
+        say 25 ms a batch and shed a backlog of 270 admissions that the next batches decided
+        in 30 ms. Twice that per batch ahead: batches grow slower as the queue grows, and an
+        answer that comes late is work for nothing. A batch in flight longer than usual may
+        take as long again: a stuck database sheds at once. Only the work ahead of it, never
+        its own: with nothing ahead the request is decided at once, so that no estimate can
+        shed every admission with no batch running to put it right. (A request queued anyway
+        is shed by its timer before its deadline.)"""
+        usual = self._median(self._batch_times)
+        wait = 2 * (len(queue.waiting) // queue.max_batch) * usual
+        if self._started is not None:
+            elapsed = time.monotonic() - self._started
+            wait += usual - elapsed if elapsed < usual else elapsed
+        return wait + _MARGIN
+
+    @staticmethod
+    def _median(samples: deque[float]) -> float:
+        return statistics.median(samples) if samples else 0.0
 
     @staticmethod
     def _shed(waiting: _Waiting) -> None:
@@ -204,7 +223,7 @@ class Scheduler:
                 if batch:
                     await self._run(queue, batch)
             return
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         try:
             ev_results, adm_results = await self._run_tick(
                 [w.item for w in events], [w.item for w in admissions])
@@ -226,7 +245,7 @@ class Scheduler:
             self._on_batch("admissions", len(admissions), took)
 
     async def _run(self, queue: _Queue, batch: list[_Waiting]) -> None:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         try:
             results = await queue.run([w.item for w in batch])
         except Exception as exc:  # noqa: BLE001 - decided again one by one below
@@ -252,12 +271,14 @@ class Scheduler:
             self._on_batch(queue.name, len(batch), took)
 
     def _took(self, name: str, size: int, took: float) -> None:
-        """A batch's time: the estimate that sheds admissions, and a warning when slow."""
+        """A batch's time: the estimates that shed admissions, and a warning when slow."""
         if took > _SLOW_BATCH:
             log.warning("slow batch", extra={
                 "queue": name, "size": size, "seconds": round(took, 3),
                 "waiting": len(self._events.waiting) + len(self._admissions.waiting)})
         self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * took
+        self._batch_times.append(took)
+        self._started = None
 
 
 def _settle(
