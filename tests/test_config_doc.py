@@ -193,15 +193,23 @@ async def test_switching_counting_mode_recounts(pool: asyncpg.Pool, database_url
 @pytest.mark.parametrize(
     "statement, words",
     [
-        ("UPDATE accounts SET calls_limit = -1 WHERE id = 'acme'", "calls_limit_check"),
+        ("UPDATE accounts SET calls_limit = -1 WHERE id = 'acme'", "limit_check"),
         ("UPDATE accounts SET parent = 'acme-support-alice' WHERE id = 'acme'", "own ancestor"),
-        ("UPDATE accounts SET parent = 'acme' WHERE id = 'acme'", "check"),
+        ("UPDATE accounts SET parent = 'acme' WHERE id = 'acme'", "own ancestor"),
         ("INSERT INTO extensions (id, account) VALUES ('x', 'ghost')", "foreign key"),
         ("INSERT INTO numbers VALUES ('+1', 'ghost')", "foreign key"),
         ("DELETE FROM accounts WHERE id = 'acme-sales'", "foreign key"),
         ("INSERT INTO accounts (id) VALUES ('has space')", "ident_check"),
         ("UPDATE channels SET gateway = 'http://x' WHERE id = 'carrier-a'", "gateway_check"),
-        ("UPDATE accounts SET calls_active = -1 WHERE id = 'acme'", "calls_active_check"),
+        ("UPDATE accounts SET calls_active = -1 WHERE id = 'acme'", "active_check"),
+        ("UPDATE accounts SET name = repeat('x', 257) WHERE id = 'acme'", "name_check"),
+        ("UPDATE accounts SET cps_burst = 0 WHERE id = 'acme'", "burst_check"),
+        ("UPDATE channels SET prefixes = ARRAY[NULL] WHERE id = 'carrier-a'", "prefixes_check"),
+        ("UPDATE channels SET calls_active = -1 WHERE id = 'carrier-a'", "active_check"),
+        ("INSERT INTO calls (call_id, from_tag, state, decision, expires_at)"
+         " VALUES ('c', 'f', 'lost', '{}', now())", "call_state_check"),
+        ("INSERT INTO calls (call_id, from_tag, state, decision, expires_at)"
+         " VALUES ('', 'f', 'ringing', '{}', now())", "call_id_check"),
         ("INSERT INTO numbers VALUES ('abc', 'ivr')", "number_check"),
     ],
 )
