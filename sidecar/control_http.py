@@ -61,6 +61,8 @@ _HEAD_MAX = 16 << 10
 # Requests read ahead of their answers before a connection stops reading (a pipelining
 # client); it reads again below _QUEUE_LOW.
 _QUEUE_HIGH = 32
+# A body larger than this is awaited only from a source the call-control API accepts.
+_TRUST_FIRST = 64 << 10
 _QUEUE_LOW = 8
 _PREFIX = b"POST /v1/control/"
 # A header line in plain form: a token, a colon, a value without control characters (no
@@ -228,8 +230,11 @@ class ControlProtocol(asyncio.Protocol):
                 break
             assert isinstance(parsed, _Parsed)
             limit = ROUTES[parsed.path][1]
-            if parsed.length > limit:
-                # The handler refuses it on its Content-Length; the body is never read.
+            if parsed.length > limit or (
+                    parsed.length > _TRUST_FIRST and not self._trusted(parsed)):
+                # The handler refuses it on its Content-Length, or its source (its first
+                # check: no stranger gets a heartbeat's 32 MiB buffered, as with aiohttp,
+                # which checks before reading); the body is never read.
                 self._ready.append((parsed, b""))
                 self._buf.clear()
                 self._closing = True
@@ -270,15 +275,25 @@ class ControlProtocol(asyncio.Protocol):
         finally:
             self._task = None
 
+    def _request(self, parsed: _Parsed, body: bytes) -> ControlRequest:
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        return ControlRequest(self._app, parsed.path.decode(), parsed.headers,
+                              peer[0] if isinstance(peer, tuple) else None,
+                              parsed.length, _Body(body))
+
+    def _trusted(self, parsed: _Parsed) -> bool:
+        try:
+            control.check_source(self._request(parsed, b""))
+        except ApiError:
+            return False
+        return True
+
     async def _respond(self, parsed: _Parsed, body: bytes, close: bool) -> None:
         handler = ROUTES[parsed.path][0]
         route = parsed.path.decode()
         transport = self._transport
         assert transport is not None
-        peer = transport.get_extra_info("peername")
-        request = ControlRequest(self._app, route, parsed.headers,
-                                 peer[0] if isinstance(peer, tuple) else None,
-                                 parsed.length, _Body(body))
+        request = self._request(parsed, body)
         try:
             response = await handler(request)
         except ApiError as exc:

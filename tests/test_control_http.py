@@ -5,6 +5,7 @@ the same answers to the same requests."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,15 +13,7 @@ import orjson
 
 from sidecar.control_http import parse_head
 from tests.helpers import Sidecar, running_sidecar
-
-OFFICE = {
-    "counting": "per_call",
-    "accounts": [{"id": "acme", "limits": {"calls": 10}}],
-    "extensions": [
-        {"id": "app", "account": "acme", "sources": ["127.0.0.2"]},
-        {"id": "1002", "account": "acme", "contact": "sip:1002@127.0.0.1:5099"},
-    ],
-}
+from tests.test_group_commit import OFFICE
 
 
 def admit_body(call_id: str) -> bytes:
@@ -125,6 +118,20 @@ async def test_a_body_over_the_limit_is_refused_unread(database_url: str) -> Non
         status, headers, body = await conn.response()
         assert status == 413 and not by_aiohttp(headers)
         assert orjson.loads(body)["error"]["code"] == "body_too_large"
+        assert await conn.closed()
+
+
+async def test_a_stranger_gets_no_large_body_buffered(database_url: str) -> None:
+    """From a source the control API does not accept, a heartbeat announcing 10 MB is
+    refused on its head (403), the body never awaited, as aiohttp checks before reading."""
+    elsewhere = (ipaddress.ip_network("10.9.9.0/24"),)
+    async with running_sidecar(database_url, control_sources=elsewhere) as sc:
+        conn = await Raw.open(sc)
+        await conn.send(b"POST /v1/control/heartbeat HTTP/1.1\r\nHost: s\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n{")
+        status, headers, body = await conn.response()
+        assert status == 403 and not by_aiohttp(headers)
+        assert orjson.loads(body)["error"]["code"] == "forbidden"
         assert await conn.closed()
 
 
