@@ -94,6 +94,9 @@ unix_socket_directories = '$(socket_dirs)'
 max_connections = 200
 shared_buffers = 256MB
 fsync = on
+# A lock wait past deadlock_timeout (1 s) is logged with who holds the lock.
+log_lock_waits = on
+log_autovacuum_min_duration = 250ms
 EOF
         fi
         say "starting PostgreSQL on 127.0.0.1:$port (log: $log)"

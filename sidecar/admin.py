@@ -110,7 +110,9 @@ async def put_config(request: web.Request) -> web.Response:
         tr = conn.transaction()
         await tr.start()
         try:
-            counts = await config_doc.apply(conn, doc, settings.sip_realm)
+            counts = await config_doc.apply(
+                conn, doc, settings.sip_realm, timeout=settings.admin_db_timeout
+            )
         except BaseException:
             await tr.rollback()
             raise

@@ -70,7 +70,9 @@ async def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
         tr = conn.transaction()
         await tr.start()
         try:
-            counts = await config_doc.apply(conn, doc, settings.sip_realm)
+            counts = await config_doc.apply(
+                conn, doc, settings.sip_realm, timeout=settings.admin_db_timeout
+            )
         except asyncpg.PostgresError as exc:
             await tr.rollback()
             print(f"$: {exc}", file=sys.stderr)

@@ -134,41 +134,51 @@ def _limit(obj: dict[str, Any], key: str) -> int | None:
     return None if value is None else int(value)
 
 
-async def apply(conn: asyncpg.Connection, doc: dict[str, Any], realm: str) -> dict[str, int]:
-    """Make the configuration exactly `doc`. The caller holds the transaction."""
-    # Admissions lock accounts then channels: take the tables in that same order.
-    await conn.execute("LOCK TABLE accounts, channels, extensions, numbers IN EXCLUSIVE MODE")
-    await conn.execute("SET CONSTRAINTS ALL DEFERRED")
-    if "counting" in doc:
-        await conn.execute("UPDATE settings SET counting = $1", doc["counting"])
+# The configuration's columns of each table, in the order `_rows` gives them, and the key
+# an upsert matches on. Counters (*_active) are not among them: an import never moves one.
+_TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "accounts": (
+        "id",
+        (
+            "id",
+            "name",
+            "parent",
+            "calls_limit",
+            "public_limit",
+            "internal_limit",
+            "cps_limit",
+            "cps_burst",
+        ),
+    ),
+    "channels": (
+        "id",
+        (
+            "id",
+            "name",
+            "calls_limit",
+            "sources",
+            "gateway",
+            "prefixes",
+            "priority",
+            "cps_limit",
+            "cps_burst",
+        ),
+    ),
+    "extensions": (
+        "id",
+        ("id", "account", "name", "ha1", "contact", "sources", "forward", "ring_self"),
+    ),
+    "numbers": ("number", ("number", "extension")),
+}
+# Deletions run from the leaves up (a number names an extension, an extension an account).
+_DELETE_ORDER = ("numbers", "extensions", "accounts", "channels")
+_UPSERT_ORDER = ("accounts", "channels", "extensions", "numbers")
 
-    accounts = doc.get("accounts", [])
-    extensions = doc.get("extensions", [])
-    numbers = doc.get("numbers", [])
-    channels = doc.get("channels", [])
 
-    await conn.execute(
-        "DELETE FROM numbers WHERE NOT number = ANY($1::text[])", [n["number"] for n in numbers]
-    )
-    await conn.execute(
-        "DELETE FROM extensions WHERE NOT id = ANY($1::text[])", [e["id"] for e in extensions]
-    )
-    await conn.execute(
-        "DELETE FROM accounts WHERE NOT id = ANY($1::text[])", [a["id"] for a in accounts]
-    )
-    await conn.execute(
-        "DELETE FROM channels WHERE NOT id = ANY($1::text[])", [c["id"] for c in channels]
-    )
-
-    await conn.executemany(
-        """INSERT INTO accounts (id, name, parent, calls_limit, public_limit, internal_limit,
-                                cps_limit, cps_burst)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-           ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, parent = EXCLUDED.parent,
-               calls_limit = EXCLUDED.calls_limit, public_limit = EXCLUDED.public_limit,
-               internal_limit = EXCLUDED.internal_limit, cps_limit = EXCLUDED.cps_limit,
-               cps_burst = EXCLUDED.cps_burst""",
-        [
+def _rows(doc: dict[str, Any], realm: str) -> dict[str, list[tuple[Any, ...]]]:
+    """The document as rows of each table, in `_TABLES`' column order."""
+    return {
+        "accounts": [
             (
                 a["id"],
                 a.get("name"),
@@ -179,19 +189,9 @@ async def apply(conn: asyncpg.Connection, doc: dict[str, Any], realm: str) -> di
                 _limit(a, "cps"),
                 _limit(a, "cps_burst"),
             )
-            for a in accounts
+            for a in doc.get("accounts", [])
         ],
-    )
-    await conn.executemany(
-        """INSERT INTO channels (id, name, calls_limit, sources, gateway, prefixes, priority,
-                                cps_limit, cps_burst)
-           VALUES ($1, $2, $3, $4::cidr[], $5, $6, $7, $8, $9)
-           ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name,
-               calls_limit = EXCLUDED.calls_limit, cps_limit = EXCLUDED.cps_limit,
-               cps_burst = EXCLUDED.cps_burst, sources = EXCLUDED.sources,
-               gateway = EXCLUDED.gateway, prefixes = EXCLUDED.prefixes,
-               priority = EXCLUDED.priority""",
-        [
+        "channels": [
             (
                 c["id"],
                 c.get("name"),
@@ -203,16 +203,9 @@ async def apply(conn: asyncpg.Connection, doc: dict[str, Any], realm: str) -> di
                 _limit(c, "cps"),
                 _limit(c, "cps_burst"),
             )
-            for c in channels
+            for c in doc.get("channels", [])
         ],
-    )
-    await conn.executemany(
-        """INSERT INTO extensions (id, account, name, ha1, contact, sources, forward, ring_self)
-           VALUES ($1, $2, $3, $4, $5, $6::cidr[], $7, $8)
-           ON CONFLICT (id) DO UPDATE SET account = EXCLUDED.account, name = EXCLUDED.name,
-               ha1 = EXCLUDED.ha1, contact = EXCLUDED.contact, sources = EXCLUDED.sources,
-               forward = EXCLUDED.forward, ring_self = EXCLUDED.ring_self""",
-        [
+        "extensions": [
             (
                 e["id"],
                 e["account"],
@@ -223,21 +216,71 @@ async def apply(conn: asyncpg.Connection, doc: dict[str, Any], realm: str) -> di
                 e.get("forward", []),
                 bool(e.get("ring_self", False)),
             )
-            for e in extensions
+            for e in doc.get("extensions", [])
         ],
-    )
-    await conn.executemany(
-        """INSERT INTO numbers (number, extension) VALUES ($1, $2)
-           ON CONFLICT (number) DO UPDATE SET extension = EXCLUDED.extension""",
-        [(n["number"], n["extension"]) for n in numbers],
-    )
-    await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
-    return {
-        "accounts": len(accounts),
-        "extensions": len(extensions),
-        "numbers": len(numbers),
-        "channels": len(channels),
+        "numbers": [(n["number"], n["extension"]) for n in doc.get("numbers", [])],
     }
+
+
+async def apply(
+    conn: asyncpg.Connection,
+    doc: dict[str, Any],
+    realm: str,
+    timeout: float | None = None,  # noqa: ASYNC109 - asyncpg's per-statement timeout
+) -> dict[str, int]:
+    """Make the configuration exactly `doc`. The caller holds the transaction.
+
+    Admissions stop while the tables are locked, so everything that can run before the lock
+    does: the rows are computed and copied into temporary tables (their types are the real
+    columns' domains, so a bad value fails here, with nothing locked). Under the lock, a few
+    set-based statements delete what the document no longer has and write only the rows
+    that differ: replacing 30,000 accounts and extensions with themselves writes nothing.
+    `timeout` bounds each statement (None: the connection's own command timeout).
+    """
+    rows = _rows(doc, realm)
+    for table, (_key, cols) in _TABLES.items():
+        await conn.execute(
+            f"CREATE TEMP TABLE staged_{table} ON COMMIT DROP AS "
+            f"SELECT {', '.join(cols)} FROM {table} WITH NO DATA",
+            timeout=timeout,
+        )
+        await conn.copy_records_to_table(
+            f"staged_{table}", records=rows[table], columns=list(cols), timeout=timeout
+        )
+        await conn.execute(f"ANALYZE staged_{table}", timeout=timeout)
+
+    # Admissions lock accounts then channels: take the tables in that same order.
+    await conn.execute(
+        "LOCK TABLE accounts, channels, extensions, numbers IN EXCLUSIVE MODE", timeout=timeout
+    )
+    await conn.execute("SET CONSTRAINTS ALL DEFERRED")
+    if "counting" in doc:
+        await conn.execute("UPDATE settings SET counting = $1", doc["counting"], timeout=timeout)
+    for table in _DELETE_ORDER:
+        key = _TABLES[table][0]
+        await conn.execute(
+            f"DELETE FROM {table} t WHERE NOT EXISTS "
+            f"(SELECT FROM staged_{table} s WHERE s.{key} = t.{key})",
+            timeout=timeout,
+        )
+    for table in _UPSERT_ORDER:
+        key, cols = _TABLES[table]
+        rest = [c for c in cols if c != key]
+        # Only the rows that are new or differ reach the upsert (the lock keeps the join
+        # true until commit): ON CONFLICT would lock, and so write, every row it meets.
+        await conn.execute(
+            f"INSERT INTO {table} ({', '.join(cols)}) "
+            f"SELECT {', '.join(f's.{c}' for c in cols)} FROM staged_{table} s "
+            f"LEFT JOIN {table} t ON t.{key} = s.{key} "
+            f"WHERE t.{key} IS NULL OR ({', '.join(f't.{c}' for c in rest)}) "
+            f"IS DISTINCT FROM ({', '.join(f's.{c}' for c in rest)}) "
+            f"ON CONFLICT ({key}) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in rest),
+            timeout=timeout,
+        )
+    await conn.execute("SET CONSTRAINTS ALL IMMEDIATE", timeout=timeout)
+    for table in _TABLES:
+        await conn.execute(f"DROP TABLE staged_{table}")
+    return {t: len(rows[t]) for t in ("accounts", "extensions", "numbers", "channels")}
 
 
 def _net(value: Any) -> str:

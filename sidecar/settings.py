@@ -112,15 +112,20 @@ class Settings:
     # posts up to 200 of them at a time, one POST after the other: with 50, a POST took four
     # transactions in a row. Measured (bench_admission.py --levels 64 --events outbox):
     # 3,655-3,785 calls/s with 50, 4,316-4,446 with 250.
-    events_batch_max: int = field(
-        default_factory=lambda: _int("SIDECAR_EVENTS_BATCH_MAX", 250)
-    )
+    events_batch_max: int = field(default_factory=lambda: _int("SIDECAR_EVENTS_BATCH_MAX", 250))
     # Milliseconds Kamailio waits for an admission when it does not say (X-Deadline-Ms): an
     # admission that cannot be decided within it is shed at once with a 503 (Kamailio's
     # failure policy then applies) instead of being decided after Kamailio gave up.
     admit_deadline_ms: int = field(default_factory=lambda: _int("SIDECAR_ADMIT_DEADLINE_MS", 300))
     # Seconds to wait for PostgreSQL on one statement before failing the request.
     db_timeout: float = field(default_factory=lambda: float(_env("SIDECAR_DB_TIMEOUT", "2")))
+    # Seconds to wait for PostgreSQL on one statement of a configuration change (PUT
+    # /v1/config, `sidecar import`). Taking its table locks may wait for a running
+    # autovacuum to be cancelled (deadlock_timeout, 1 s by default) and a large document takes
+    # seconds to stage: the call-control timeout above is too short for that.
+    admin_db_timeout: float = field(
+        default_factory=lambda: float(_env("SIDECAR_ADMIN_DB_TIMEOUT", "30"))
+    )
     # Apply pending migrations when the server starts.
     migrate_on_start: bool = field(default_factory=lambda: _bool("SIDECAR_MIGRATE_ON_START", True))
     # Largest request body accepted, in bytes (413 above it).
@@ -131,9 +136,7 @@ class Settings:
         default_factory=lambda: float(_env("SIDECAR_SHUTDOWN_DRAIN", "2"))
     )
     # Most accounts (and channels) with series of their own on /metrics, busiest first.
-    metrics_max_series: int = field(
-        default_factory=lambda: _int("SIDECAR_METRICS_MAX_SERIES", 500)
-    )
+    metrics_max_series: int = field(default_factory=lambda: _int("SIDECAR_METRICS_MAX_SERIES", 500))
     # Minutes of refusals per minute and counter kept for the operator's view (/ui/,
     # GET /v1/refusals); the janitor forgets older minutes.
     refusal_history: int = field(default_factory=lambda: _int("SIDECAR_REFUSAL_HISTORY", 1440))

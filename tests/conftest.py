@@ -79,14 +79,21 @@ class PrivateCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# The session's private cluster's log (None when DATABASE_URL names a server): a failed
+# end-to-end test prints its tail, lock waits included (scripts/pgcluster.sh).
+PG_LOG: Path | None = None
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     """A URL to the server's `postgres` database, where tests may create databases."""
     if os.environ.get("DATABASE_URL"):
         yield with_database(os.environ["DATABASE_URL"], "postgres")
         return
+    global PG_LOG
     cluster = PrivateCluster()
     cluster.start()
+    PG_LOG = Path(cluster.dir) / "postgres.log"
     try:
         yield cluster.url
     finally:

@@ -4,6 +4,7 @@ own constraints as the last guard against bad SQL."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -220,3 +221,68 @@ async def test_constraints_refuse_bad_sql(
     with pytest.raises(asyncpg.PostgresError) as err:
         await pool.execute(statement)
     assert words in str(err.value) or words in str(getattr(err.value, "constraint_name", ""))
+
+
+async def test_reapplying_writes_only_what_changed(pool: asyncpg.Pool) -> None:
+    """Admissions wait while a configuration change holds its locks: the same document
+    applied again writes no row (xmin stays), and one changed limit writes one row."""
+    doc = example()
+
+    async def apply(d: dict[str, Any]) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await config_doc.apply(conn, d, "sidecar.local")
+
+    async def versions() -> dict[str, str]:
+        rows = await pool.fetch(
+            "SELECT 'a:' || id AS k, xmin::text AS v FROM accounts UNION ALL "
+            "SELECT 'c:' || id, xmin::text FROM channels UNION ALL "
+            "SELECT 'e:' || id, xmin::text FROM extensions UNION ALL "
+            "SELECT 'n:' || number, xmin::text FROM numbers"
+        )
+        return {r["k"]: r["v"] for r in rows}
+
+    async def export() -> dict[str, Any]:
+        async with pool.acquire() as conn:
+            return await config_doc.export(conn)
+
+    await apply(doc)
+    before = await versions()
+    exported = await export()
+    await apply(doc)
+    assert await versions() == before
+    doc["accounts"][1].setdefault("limits", {})["calls"] = 77
+    await apply(doc)
+    after = await versions()
+    changed = {k for k in before if after[k] != before[k]}
+    assert changed == {f"a:{doc['accounts'][1]['id']}"}
+    assert set(after) == set(before)
+    # Removing an item deletes it, and the export is the document again.
+    doc["numbers"] = doc["numbers"][:1]
+    await apply(doc)
+    assert len([k for k in await versions() if k.startswith("n:")]) == 1
+    kept = doc["numbers"][0]["number"]
+    assert (await export())["numbers"] == [n for n in exported["numbers"] if n["number"] == kept]
+
+
+async def test_config_change_outlasts_the_call_control_timeout(database_url: str) -> None:
+    """A configuration change waits for its table locks as long as SIDECAR_ADMIN_DB_TIMEOUT
+    says, not the 2 s meant for call control (CI once saw a PUT fail after 2.4 s behind
+    autovacuum's lock)."""
+    from tests.helpers import running_sidecar
+
+    blocker = await asyncpg.connect(database_url)
+    try:
+        async with running_sidecar(database_url, db_timeout=0.3, admin_db_timeout=10) as sc:
+            tr = blocker.transaction()
+            await tr.start()
+            # What a running (auto)vacuum holds: it conflicts with the change's EXCLUSIVE.
+            await blocker.execute("LOCK TABLE accounts IN SHARE UPDATE EXCLUSIVE MODE")
+            put = asyncio.ensure_future(sc.request("PUT", "/v1/config", example()))
+            await asyncio.sleep(1.0)
+            assert not put.done()
+            await tr.rollback()
+            status, out = await put
+            assert status == 200, out
+            assert out["counts"]["accounts"] == len(example()["accounts"])
+    finally:
+        await blocker.close()

@@ -30,6 +30,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+import tests.conftest
 from tests.sipua import SipUA
 
 # wait-style helpers take a timeout on purpose, like tests/sipua.py
@@ -581,6 +582,10 @@ def _dump_logs_on_failure(request: Any) -> Iterator[None]:
         env: E2E = request.getfixturevalue("e2e")
         for p in [env.kamailio, env.sidecar, *env.extra]:
             print(f"\n----- {p.name} log ({p.log}) -----\n{p.tail(80)}")
+        pg_log = tests.conftest.PG_LOG
+        if pg_log is not None and pg_log.exists():
+            lines = pg_log.read_text(errors="replace").splitlines()[-40:]
+            print(f"\n----- postgres log ({pg_log}) -----\n" + "\n".join(lines))
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
