@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -158,6 +159,7 @@ async def _serve(settings: Settings) -> None:
     await runner.setup()
     site = ControlSite(runner, settings.host, settings.port)
     await site.start()
+    _tune_gc(settings.gc_threshold)
     log.info(
         "listening",
         extra={
@@ -177,6 +179,22 @@ async def _serve(settings: Settings) -> None:
     await asyncio.sleep(settings.shutdown_drain)
     await runner.cleanup()
     log.info("stopped")
+
+
+def _tune_gc(threshold: int) -> None:
+    """Every request allocates thousands of short-lived objects, and Python's cyclic
+    collector runs every 700 of them, now and then over the whole heap. What is alive once
+    the server listens (modules, schemas, the app) is moved out of its sight (`gc.freeze`)
+    and the youngest generation is collected every `threshold` allocations instead (the
+    older ones keep Python's ratios): the sidecar alone, outbox, 64 in flight, admit p99
+    14.3/21.6 -> 12.0/11.7 ms and 0.107/0.108 -> 0.101/0.102 ms of CPU per call
+    (bench_admission.py, alternated runs). Cyclic garbage is still collected."""
+    if threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(threshold, gen1, gen2)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:

@@ -119,6 +119,10 @@ class Settings:
     admit_deadline_ms: int = field(default_factory=lambda: _int("SIDECAR_ADMIT_DEADLINE_MS", 300))
     # Seconds to wait for PostgreSQL on one statement before failing the request.
     db_timeout: float = field(default_factory=lambda: float(_env("SIDECAR_DB_TIMEOUT", "2")))
+    # Allocations between two collections of Python's youngest generation in `serve`, after
+    # the start-up objects are frozen out of the collector's sight (cli._tune_gc); 0 keeps
+    # Python's own (700, nothing frozen).
+    gc_threshold: int = field(default_factory=lambda: _int("SIDECAR_GC_THRESHOLD", 50000))
     # Seconds to wait for PostgreSQL on one statement of a configuration change (PUT
     # /v1/config, `sidecar import`). Taking its table locks may wait for a running
     # autovacuum to be cancelled (deadlock_timeout, 1 s by default) and a large document takes

@@ -45,3 +45,28 @@ async def test_sigterm_turns_health_unhealthy_before_closing(database_url: str) 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_gc_tuning_freezes_start_up_objects_and_keeps_collecting() -> None:
+    import gc
+
+    from sidecar.cli import _tune_gc
+
+    before = gc.get_threshold()
+    try:
+        _tune_gc(0)
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+        _tune_gc(50000)
+        assert gc.get_threshold() == (50000, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+        # A cycle made after the freeze is still found.
+        class Node:
+            other: object = None
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        del a, b
+        assert gc.collect() >= 2
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
