@@ -54,6 +54,10 @@ operation = st.one_of(
     st.tuples(st.just("answer"), st.integers(0, 7), st.one_of(st.none(), st.integers(0, 4))),
     st.tuples(st.sampled_from(["bye", "cancel"]), st.integers(0, 7)),
 )
+event = st.one_of(
+    st.tuples(st.just("answer"), st.integers(0, 7), st.one_of(st.none(), st.integers(0, 4))),
+    st.tuples(st.sampled_from(["bye", "cancel"]), st.integers(0, 7)),
+)
 
 
 def document(counting: str, acc_limits: dict[str, dict[str, Any]],
@@ -168,3 +172,140 @@ async def test_database_agrees_with_model(
             assert await conn.fetch("SELECT * FROM counter_drift()") == []
     finally:
         await conn.close()
+
+
+async def db_events(conn: asyncpg.Connection, ops: list[tuple[Any, ...]]) -> list[int]:
+    """Answers and releases in one control_events() batch, as the outbox posts them."""
+    out = await conn.fetchval(
+        "SELECT control_events($1, $2, $3, $4, $5, interval '1 hour', interval '3 minutes')",
+        ["answer" if op[0] == "answer" else "release" for op in ops],
+        [f"c{op[1]}" for op in ops], ["tag"] * len(ops),
+        [op[2] if op[0] == "answer" else None for op in ops],
+        [None if op[0] == "answer" else op[0] for op in ops])
+    return list(out)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    counting=st.sampled_from(["per_call", "per_leg"]),
+    acc_limits=st.fixed_dictionaries({a: limits for a in ACCOUNTS}),
+    chan_limits=st.fixed_dictionaries({c: limit for c in CHANNELS}),
+    forwards=st.fixed_dictionaries({e: forwarding for e in FORWARDING}),
+    # events drawn three times as often, so that batches of several calls are common
+    ops=st.lists(st.one_of(operation, event, event, st.just(("flush",))), min_size=5,
+                 max_size=40),
+)
+async def test_batched_events_agree_with_model(
+    database_url: str, counting: str, acc_limits: dict[str, Any],
+    chan_limits: dict[str, Any], forwards: dict[str, dict[str, Any]],
+    ops: list[tuple[Any, ...]],
+) -> None:
+    """The same, with the answers and releases between two admissions (or a "flush")
+    applied as one batch of control_events(): a batch naming each call once is applied
+    set-based, one naming a call twice event by event; both must be the model's sequence."""
+    doc = document(counting, acc_limits, chan_limits, forwards)
+    model = model_for(doc)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("DELETE FROM calls")
+        async with conn.transaction():
+            await config_doc.apply(conn, doc | {"extensions": [
+                {**e, "forward": [t for t in e["forward"] if t != "ghost"]}
+                for e in doc["extensions"]]}, "realm")
+            for ext in doc["extensions"]:
+                await conn.execute("UPDATE extensions SET forward = $2 WHERE id = $1",
+                                   ext["id"], ext["forward"])
+        await conn.execute("SELECT rebuild_counters()")
+        pending: list[tuple[Any, ...]] = []
+
+        async def flush() -> None:
+            if not pending:
+                return
+            # 1 for an event that changed its call: an answer of a ringing call, a release
+            # of a live one (a CANCEL: of a ringing one)
+            want = []
+            for op in pending:
+                state = model.states().get(f"c{op[1]}")
+                if op[0] == "answer":
+                    want.append(int(state == "ringing"))
+                    model.answer(f"c{op[1]}", op[2])
+                else:
+                    want.append(int(state == "ringing"
+                                    or (state == "answered" and op[0] != "cancel")))
+                    model.release(f"c{op[1]}", op[0])
+            assert await db_events(conn, pending) == want, pending
+            pending.clear()
+            states = {r["call_id"]: r["state"] for r in await conn.fetch("SELECT * FROM calls")}
+            assert states == model.states(), ops
+            counters = await db_counters(conn)
+            assert counters == model.counters(), ops
+            assert await conn.fetch("SELECT * FROM counter_drift()") == []
+
+        for op in ops:
+            if op[0] in ("admit", "late"):
+                await flush()
+                _, n, origin, dialled = op
+                late = op[0] == "late"
+                got = await db_admit(conn, f"c{n}", origin, dialled, late)
+                assert got == model.admit(f"c{n}", origin, dialled, late), (op, got)
+            elif op[0] == "flush":
+                await flush()
+            else:
+                pending.append(op)
+        await flush()
+    finally:
+        await conn.close()
+
+
+async def test_batched_events_of_forked_and_crossed_calls(database_url: str) -> None:
+    """The cases a batch of events must get right, each in a batch of several calls (the
+    set-based path) and again in one naming a call twice (event by event): an answer of a
+    forked call gives the other legs back, a CANCEL crossing the 200 releases nothing, a
+    release of an unknown call leaves a tombstone, a release of a refused call changes
+    nothing."""
+    unlimited = {"calls": None, "public": None, "internal": None}
+    for twice in (False, True):
+        doc = document("per_leg", {a: dict(unlimited) for a in ACCOUNTS} | {
+            "b2": {"calls": 0, "public": None, "internal": None}},
+            {c: None for c in CHANNELS},
+            {"a2": {"forward": ["a1", "+1555"], "ring_self": True},
+             "b2": {"forward": [], "ring_self": False}})
+        model = model_for(doc)
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("DELETE FROM calls")
+            async with conn.transaction():
+                await config_doc.apply(conn, doc, "realm")
+            await conn.execute("SELECT rebuild_counters()")
+            for n, origin, dialled in ((0, "p1", "a2"), (1, "a1", "p1"), (2, "p1", "a1"),
+                                       (3, "a1", "b1")):
+                got = await db_admit(conn, f"c{n}", origin, dialled, False)
+                assert got == model.admit(f"c{n}", origin, dialled, False)
+            assert model.states()["c3"] == "refused"  # b2 (b1's account) holds no call
+            batches: list[list[tuple[Any, ...]]] = [
+                [("answer", 0, 2), ("answer", 1, 0), ("bye", 3), ("bye", 5)],
+                [("cancel", 1), ("bye", 2)],
+            ]
+            if twice:  # the same, each with a call named twice: event by event
+                batches = [b + [b[0]] for b in batches]
+            for batch in batches:
+                want = []
+                for op in batch:
+                    state = model.states().get(f"c{op[1]}")
+                    if op[0] == "answer":
+                        want.append(int(state == "ringing"))
+                        model.answer(f"c{op[1]}", op[2])
+                    else:
+                        want.append(int(state == "ringing"
+                                        or (state == "answered" and op[0] != "cancel")))
+                        model.release(f"c{op[1]}", op[0])
+                assert await db_events(conn, batch) == want, batch
+                states = {r["call_id"]: r["state"] for r in await conn.fetch("SELECT * FROM calls")}
+                assert states == model.states(), batch
+                assert await db_counters(conn) == model.counters(), batch
+            assert model.states() == {"c0": "answered", "c1": "answered", "c2": "released",
+                                      "c3": "refused", "c5": "released"}
+            assert await conn.fetch("SELECT * FROM counter_drift()") == []
+        finally:
+            await conn.close()
