@@ -6,9 +6,9 @@ One command starts everything on free ports of 127.0.0.1, all torn down at the e
 included): a private PostgreSQL (scripts/pgcluster.sh), `sidecar migrate` and `sidecar import`
 of a benchmark configuration, `sidecar serve`, the project's Kamailio (the flags
 tests/e2e/conftest.py uses: DBURL, SIDECAR_URL, LISTEN_UDP/TCP, NODE_ID, -m 512 -M 32,
-WORKERS=8; everything else as the cfg ships), the native Kamailio, and the lean load
-generator bench/loadgen.py (callers on 127.0.0.2 in several processes, one callee on
-127.0.0.3 that answers 180 + 200 at once).
+WORKERS=8, or --kam-workers for every Kamailio; everything else as the cfg ships), the native
+Kamailio, and the lean load generator bench/loadgen.py (callers on 127.0.0.2 in several
+processes, one callee on 127.0.0.3 that answers 180 + 200 at once).
 
 Configuration: one hot provider account -> one organization -> the application server `app`
 (known by its source address 127.0.0.2) and the callee `callee` (a static contact at the
@@ -196,6 +196,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="seconds per step (default 10; quick 3)")
     ap.add_argument("--hold", type=float, default=0.5, help="call duration, s (default 0.5)")
     ap.add_argument("--workers", type=int, default=2, help="caller processes (default 2)")
+    ap.add_argument("--kam-workers", type=int, default=8,
+                    help="SIP worker processes of every Kamailio (WORKERS; default 8)")
     ap.add_argument("--systems", default="project,floor,native",
                     help="which to run, in this order per step (default project,floor,native)")
     ap.add_argument("--route", choices=["extension", "trunk"], default="extension",
@@ -259,7 +261,8 @@ def main() -> int:
             sc, sc_url = stack.start_sidecar(**env)
             dburl = db_url.replace("postgresql://", "postgres://", 1).split("?")[0]
             defines = [f'DBURL="{dburl}"', f'SIDECAR_URL="{sc_url}"', 'NODE_ID="bench-1"',
-                       "WORKERS=8", *([kam_log] if kam_log else []), *args.define]
+                       f"WORKERS={args.kam_workers}", *([kam_log] if kam_log else []),
+                       *args.define]
             say("starting the project's Kamailio (kamailio/kamailio.cfg)")
             kp, kport = stack.start_kamailio("project", PROJECT_CFG, defines)
             db = Db(db_url)
@@ -275,15 +278,16 @@ def main() -> int:
             ap_, allow_url = stack.start_allow_server(f"sip:callee@{UAS_IP}:{uas_port}")
             dburl = db_url.replace("postgresql://", "postgres://", 1).split("?")[0]
             defines = [f'DBURL="{dburl}"', f'SIDECAR_URL="{allow_url}"', 'NODE_ID="bench-floor"',
-                       "WORKERS=8", *([kam_log] if kam_log else []), *args.define]
+                       f"WORKERS={args.kam_workers}", *([kam_log] if kam_log else []),
+                       *args.define]
             fp, fport = stack.start_kamailio("floor", PROJECT_CFG, defines)
             meter.add("kam-floor", [fp.pid])
             meter.add("allow", [ap_.pid])
             sysmap["floor"] = System("floor", fport, "callee", ["kam-floor", "allow"])
         if "native" in systems:
             say("starting the native Kamailio (bench/kamailio-native.cfg)")
-            defines = [f'CALLEE="{UAS_IP}:{uas_port}"', "WORKERS=8", f"CALL_LIMIT={BIG}",
-                       *([kam_log] if kam_log else [])]
+            defines = [f'CALLEE="{UAS_IP}:{uas_port}"', f"WORKERS={args.kam_workers}",
+                       f"CALL_LIMIT={BIG}", *([kam_log] if kam_log else [])]
             np_, nport = stack.start_kamailio("native", NATIVE_CFG, defines)
             meter.add("kam-native", [np_.pid])
             sysmap["native"] = System("native", nport, "callee", ["kam-native"])
