@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
+from sidecar import config_doc
 from sidecar.app import janitor_run
 from sidecar.control import parse_dialogs
 from sidecar.errors import ApiError
@@ -564,3 +565,49 @@ async def test_dialog_items_are_checked_as_the_schema_says(
         async with running_sidecar(database_url) as sc:
             status, out = await sc.request("POST", "/v1/control/heartbeat", body, admin=False)
             assert status == 400 and out["error"]["details"][0]["path"] == path
+
+
+async def _calls_rows_read(conn: asyncpg.Connection) -> int:
+    """Rows of calls this transaction has read so far (sequential and by index)."""
+    return int(await conn.fetchval(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) "
+        "FROM pg_stat_xact_user_tables WHERE relname = 'calls'"))
+
+
+async def test_batched_events_find_their_calls_by_key_whatever_the_statistics(
+    conn: asyncpg.Connection,
+) -> None:
+    """control_events() applies a batch of distinct calls with one UPDATE per kind: they
+    must look their calls up by key, not scan every live call (as the planner chose for a
+    table analysed while it held no ringing call) nor the whole table."""
+    doc = {"counting": "per_call", "accounts": [{"id": "acme", "limits": {"calls": 1000}}],
+           "extensions": [{"id": "1001", "account": "acme", "password": "pw"},
+                          {"id": "1002", "account": "acme", "password": "pw"}]}
+    async with conn.transaction():
+        await config_doc.apply(conn, doc, "sidecar.local")
+    await conn.execute(
+        "INSERT INTO calls (call_id, from_tag, state, decision, expires_at) "
+        "SELECT 'old-' || g, 'ft', 'released', '{}', now() + interval '1 hour' "
+        "FROM generate_series(1, 20000) g")
+    await conn.execute("ANALYZE calls")
+    n = 400
+    await conn.execute(
+        "SELECT admit_batch($1, $2, $3::text[]::inet[], $4, $5, $6, $7, $8, $9, false, "
+        "'sidecar.local', interval '3 minutes', interval '4 hours')",
+        [f"c{i}" for i in range(n)], ["ft"] * n, ["127.0.0.1"] * n, ["1001"] * n,
+        ["1002"] * n, ["1001"] * n, ["node"] * n, ["boot"] * n, [False] * n)
+    assert await conn.fetchval("SELECT count(*) FROM calls WHERE state = 'ringing'") == n
+    async with conn.transaction():
+        before = await _calls_rows_read(conn)
+        out = await conn.fetchval(
+            "SELECT control_events($1, $2, $3, $4, $5, interval '4 hours', interval '3 minutes')",
+            ["answer", "release", "release", "release"], ["c1", "c2", "c3", "nobody"],
+            ["ft"] * 4, [0, None, None, None], [None, "bye", "cancel", "bye"])
+        read = await _calls_rows_read(conn) - before
+    assert list(out) == [1, 1, 1, 0]
+    assert read <= 10, f"{read} rows of calls read for 4 events"
+    got = await states(conn)
+    assert (got["c1"], got["c2"], got["c3"], got["nobody"]) == (
+        "answered", "released", "released", "released")
+    assert await conn.fetchval("SELECT calls_active FROM accounts WHERE id = 'acme'") == n - 2
+    assert await conn.fetch("SELECT * FROM counter_drift()") == []

@@ -12,6 +12,12 @@
 -- to give back (NULL when the call did not change); the caller holds the counters' advisory
 -- lock and gives them back with apply_counters(keys, -1).
 --
+-- A call is found by its key. Its state is tested inside CASE (`CASE state WHEN 'ringing'
+-- THEN true END`), never as a plain condition: a plain `state = 'ringing'` lets the planner
+-- read the call through a partial index of live calls (calls_live_expires) instead of the
+-- primary key, and it does so whenever the statistics were taken while few calls were live,
+-- scanning every live call for each answer and release (tests/test_lifecycle.py).
+--
 -- Applied by every `sidecar migrate` (CREATE OR REPLACE), after sql/migrations/.
 
 -- The decision a tombstone answers to an admission.
@@ -33,7 +39,8 @@ DECLARE
 BEGIN
     UPDATE calls SET state = 'answered', answered_leg = p_leg, answered_at = now(),
                      expires_at = now() + p_max_duration
-    WHERE call_id = p_call_id AND from_tag = p_from_tag AND state = 'ringing'
+    WHERE call_id = p_call_id AND from_tag = p_from_tag
+      AND CASE state WHEN 'ringing' THEN true END
     RETURNING slot_legs, slot_keys INTO v_legs, v_keys;
     IF NOT FOUND THEN
         RETURN NULL;
@@ -71,7 +78,7 @@ BEGIN
         WITH gone AS (
             UPDATE calls c SET state = 'released', decision = released_decision(),
                                expires_at = now() + p_tombstone_ttl
-            WHERE c.call_id = p_call_id AND c.state = ANY (v_live)
+            WHERE c.call_id = p_call_id AND CASE WHEN c.state = ANY (v_live) THEN true END
             RETURNING slots_given_back(c.slot_legs, c.slot_keys, NULL, p_mode) AS back
         )
         SELECT array_agg(k) INTO v_keys FROM gone, unnest(gone.back || '{NULL}'::text[]) k;
@@ -87,7 +94,8 @@ BEGIN
     -- UPDATE and the INSERT.
     UPDATE calls SET state = 'released', decision = released_decision(),
                      expires_at = now() + p_tombstone_ttl
-    WHERE call_id = p_call_id AND from_tag = p_from_tag AND state = ANY (v_live)
+    WHERE call_id = p_call_id AND from_tag = p_from_tag
+      AND CASE WHEN state = ANY (v_live) THEN true END
     RETURNING slot_legs, slot_keys INTO v_legs, v_keys;
     IF FOUND THEN
         RETURN slots_given_back(v_legs, v_keys, NULL, p_mode);
@@ -111,6 +119,10 @@ END $$;
 -- events those statements do not settle (an answer that gives slots back, an answer or a
 -- release of a call that is not live) go through answer_call() and release_call() as
 -- before. A batch naming a call twice, or a release without a From tag, goes event by event.
+-- The set-based statements find their calls by key, as the one-call ones do: the states
+-- are tested inside CASE (see above), and the function plans without hash and merge joins
+-- (its SET clause; a table never analysed was planned as a hash join over all of it), which
+-- leaves a nested loop of key lookups.
 CREATE OR REPLACE FUNCTION control_events(
     p_types      text[],
     p_call_ids   text[],
@@ -119,7 +131,7 @@ CREATE OR REPLACE FUNCTION control_events(
     p_reasons    text[],
     p_max_duration interval,
     p_tombstone_ttl interval
-) RETURNS integer[] LANGUAGE plpgsql AS $$
+) RETURNS integer[] LANGUAGE plpgsql SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_n     integer := coalesce(cardinality(p_types), 0);
     v_mode  text;
@@ -144,7 +156,8 @@ BEGIN
             UPDATE calls c SET state = 'answered', answered_leg = u.leg, answered_at = now(),
                                expires_at = now() + p_max_duration
             FROM u
-            WHERE c.call_id = u.call_id AND c.from_tag = u.from_tag AND c.state = 'ringing'
+            WHERE c.call_id = u.call_id AND c.from_tag = u.from_tag
+              AND CASE c.state WHEN 'ringing' THEN true END
               AND (u.leg IS NULL OR NOT u.leg = ANY (c.slot_legs)
                    OR c.slot_legs <@ ARRAY[0, u.leg])
             RETURNING u.o
@@ -160,8 +173,8 @@ BEGIN
                                expires_at = now() + p_tombstone_ttl
             FROM u
             WHERE c.call_id = u.call_id AND c.from_tag = u.from_tag
-              AND (c.state = 'ringing'
-                   OR (c.state = 'answered' AND u.reason IS DISTINCT FROM 'cancel'))
+              AND CASE c.state WHEN 'ringing' THEN true
+                               WHEN 'answered' THEN u.reason IS DISTINCT FROM 'cancel' END
             RETURNING u.o, slots_given_back(c.slot_legs, c.slot_keys, NULL, v_mode) AS back
         )
         SELECT v_done || coalesce((SELECT array_agg(o::integer) FROM gone), '{}'),
@@ -209,7 +222,7 @@ END $$;
 -- (ringing or answered); refusals and tombstones are left as they are.
 CREATE OR REPLACE FUNCTION release_locked(p_call_ids text[], p_from_tags text[],
                                           p_tombstone_ttl interval)
-RETURNS integer LANGUAGE plpgsql AS $$
+RETURNS integer LANGUAGE plpgsql SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_mode  text;
     v_n     integer;
@@ -222,7 +235,7 @@ BEGIN
                            expires_at = now() + p_tombstone_ttl
         FROM unnest(p_call_ids, p_from_tags) AS u(call_id, from_tag)
         WHERE c.call_id = u.call_id AND c.from_tag = u.from_tag
-          AND c.state IN ('ringing', 'answered')
+          AND CASE WHEN c.state IN ('ringing', 'answered') THEN true END
         RETURNING slots_given_back(c.slot_legs, c.slot_keys, NULL, v_mode) AS back
     )
     SELECT (SELECT count(*) FROM gone),
