@@ -119,11 +119,11 @@ END $$;
 -- events those statements do not settle (an answer that gives slots back, an answer or a
 -- release of a call that is not live) go through answer_call() and release_call() as
 -- before. A batch naming a call twice, or a release without a From tag, goes event by event.
--- The set-based statements test the states inside CASE too (see above): with statistics
--- they are planned as a nested loop of key lookups. (A table never analysed is planned as a
--- hash join over all of it until autovacuum's first ANALYZE, which also replans them.
--- Planner settings on the function would have pinned the plan, but a function's SET clause
--- cost about 0.6 M instructions a call: bench/RESULTS.md.)
+-- The set-based statements find their calls by key, as the one-call ones do: the states
+-- are tested inside CASE (see above), and the function plans without hash and merge joins
+-- (its SET clause), which leaves a nested loop of key lookups. Without it, the benchmark's
+-- calls table (ended calls kept a while) was joined by hashing a sequential scan of it:
+-- PostgreSQL 0.32 instead of 0.21 ms per call at 1,800 CPS (bench/RESULTS.md).
 CREATE OR REPLACE FUNCTION control_events(
     p_types      text[],
     p_call_ids   text[],
@@ -132,7 +132,7 @@ CREATE OR REPLACE FUNCTION control_events(
     p_reasons    text[],
     p_max_duration interval,
     p_tombstone_ttl interval
-) RETURNS integer[] LANGUAGE plpgsql AS $$
+) RETURNS integer[] LANGUAGE plpgsql SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_n     integer := coalesce(cardinality(p_types), 0);
     v_mode  text;
@@ -223,7 +223,7 @@ END $$;
 -- (ringing or answered); refusals and tombstones are left as they are.
 CREATE OR REPLACE FUNCTION release_locked(p_call_ids text[], p_from_tags text[],
                                           p_tombstone_ttl interval)
-RETURNS integer LANGUAGE plpgsql AS $$
+RETURNS integer LANGUAGE plpgsql SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     v_mode  text;
     v_n     integer;
