@@ -87,6 +87,23 @@ def model_for(doc: dict[str, Any]) -> Model:
     ))
 
 
+async def load(conn: asyncpg.Connection, doc: dict[str, Any]) -> None:
+    """No call recorded, the configuration `doc`, the counters rebuilt. The configuration
+    API refuses "ghost": the document is loaded without it, then it is put back with plain
+    SQL."""
+    api_doc = copy.deepcopy(doc)
+    for ext in api_doc["extensions"]:
+        ext["forward"] = [t for t in ext["forward"] if t != "ghost"]
+    assert config_doc.check(api_doc) == []
+    await conn.execute("DELETE FROM calls")
+    async with conn.transaction():
+        await config_doc.apply(conn, api_doc, "realm")
+        for ext in doc["extensions"]:
+            await conn.execute("UPDATE extensions SET forward = $2 WHERE id = $1",
+                               ext["id"], ext["forward"])
+    await conn.execute("SELECT rebuild_counters()")
+
+
 async def db_admit(conn: asyncpg.Connection, call_id: str, origin: str, dialled: str,
                    late: bool) -> Any:
     if origin.startswith("channel:"):
@@ -135,21 +152,9 @@ async def test_database_agrees_with_model(
 ) -> None:
     doc = document(counting, acc_limits, chan_limits, forwards)
     model = model_for(doc)
-    # The configuration API refuses "ghost": load the document without it, then put it
-    # back with plain SQL.
-    api_doc = copy.deepcopy(doc)
-    for ext in api_doc["extensions"]:
-        ext["forward"] = [t for t in ext["forward"] if t != "ghost"]
-    assert config_doc.check(api_doc) == []
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute("DELETE FROM calls")
-        async with conn.transaction():
-            await config_doc.apply(conn, api_doc, "realm")
-            for ext in doc["extensions"]:
-                await conn.execute("UPDATE extensions SET forward = $2 WHERE id = $1",
-                                   ext["id"], ext["forward"])
-        await conn.execute("SELECT rebuild_counters()")
+        await load(conn, doc)
         for op in ops:
             if op[0] in ("admit", "late"):
                 _, n, origin, dialled = op
@@ -185,6 +190,24 @@ async def db_events(conn: asyncpg.Connection, ops: list[tuple[Any, ...]]) -> lis
     return list(out)
 
 
+def model_events(model: Model, ops: list[tuple[Any, ...]]) -> list[int]:
+    """Apply answers and releases to the model in order; per event, what control_events()
+    must return: 1 when it changed its call (an answer of a ringing call, a release of a
+    live one; a CANCEL only of a ringing one)."""
+    changed = []
+    for op in ops:
+        call_id = f"c{op[1]}"
+        state = model.states().get(call_id)
+        if op[0] == "answer":
+            changed.append(int(state == "ringing"))
+            model.answer(call_id, op[2])
+        else:
+            changed.append(int(state == "ringing"
+                               or (state == "answered" and op[0] != "cancel")))
+            model.release(call_id, op[0])
+    return changed
+
+
 @settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
@@ -208,32 +231,13 @@ async def test_batched_events_agree_with_model(
     model = model_for(doc)
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute("DELETE FROM calls")
-        async with conn.transaction():
-            await config_doc.apply(conn, doc | {"extensions": [
-                {**e, "forward": [t for t in e["forward"] if t != "ghost"]}
-                for e in doc["extensions"]]}, "realm")
-            for ext in doc["extensions"]:
-                await conn.execute("UPDATE extensions SET forward = $2 WHERE id = $1",
-                                   ext["id"], ext["forward"])
-        await conn.execute("SELECT rebuild_counters()")
+        await load(conn, doc)
         pending: list[tuple[Any, ...]] = []
 
         async def flush() -> None:
             if not pending:
                 return
-            # 1 for an event that changed its call: an answer of a ringing call, a release
-            # of a live one (a CANCEL: of a ringing one)
-            want = []
-            for op in pending:
-                state = model.states().get(f"c{op[1]}")
-                if op[0] == "answer":
-                    want.append(int(state == "ringing"))
-                    model.answer(f"c{op[1]}", op[2])
-                else:
-                    want.append(int(state == "ringing"
-                                    or (state == "answered" and op[0] != "cancel")))
-                    model.release(f"c{op[1]}", op[0])
+            want = model_events(model, pending)
             assert await db_events(conn, pending) == want, pending
             pending.clear()
             states = {r["call_id"]: r["state"] for r in await conn.fetch("SELECT * FROM calls")}
@@ -274,10 +278,7 @@ async def test_batched_events_of_forked_and_crossed_calls(database_url: str) -> 
         model = model_for(doc)
         conn = await asyncpg.connect(database_url)
         try:
-            await conn.execute("DELETE FROM calls")
-            async with conn.transaction():
-                await config_doc.apply(conn, doc, "realm")
-            await conn.execute("SELECT rebuild_counters()")
+            await load(conn, doc)
             for n, origin, dialled in ((0, "p1", "a2"), (1, "a1", "p1"), (2, "p1", "a1"),
                                        (3, "a1", "b1")):
                 got = await db_admit(conn, f"c{n}", origin, dialled, False)
@@ -290,16 +291,7 @@ async def test_batched_events_of_forked_and_crossed_calls(database_url: str) -> 
             if twice:  # the same, each with a call named twice: event by event
                 batches = [b + [b[0]] for b in batches]
             for batch in batches:
-                want = []
-                for op in batch:
-                    state = model.states().get(f"c{op[1]}")
-                    if op[0] == "answer":
-                        want.append(int(state == "ringing"))
-                        model.answer(f"c{op[1]}", op[2])
-                    else:
-                        want.append(int(state == "ringing"
-                                        or (state == "answered" and op[0] != "cancel")))
-                        model.release(f"c{op[1]}", op[0])
+                want = model_events(model, batch)
                 assert await db_events(conn, batch) == want, batch
                 states = {r["call_id"]: r["state"] for r in await conn.fetch("SELECT * FROM calls")}
                 assert states == model.states(), batch
