@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the Debian (bookworm) packages this project needs, then build the one
-# Kamailio module Debian does not ship (http_async_client).
+# Install the Debian (bookworm) packages this project needs, then build the
+# Kamailio modules of scripts/build-kamailio-modules.sh (http_async_client,
+# which Debian does not ship, and the patched dialog module).
 #
 # Idempotent: asks dpkg which packages are missing and installs only those;
 # `apt-get update` runs only when something is missing. Safe to run again and again.
@@ -20,8 +21,9 @@ packages=(
     # SIP proxy: core (tm, sl, dialog, auth_db, permissions, ...), jansson
     # (extra), db_postgres (postgres), and the utils modules.
     kamailio kamailio-extra-modules kamailio-postgres-modules kamailio-utils-modules
-    # To build http_async_client from Debian's kamailio source.
-    libcurl4-openssl-dev libevent-dev bison flex make gcc pkg-config
+    # To build http_async_client and the patched dialog module from Debian's
+    # kamailio source.
+    libcurl4-openssl-dev libevent-dev bison flex make gcc pkg-config patch
     # Outside SIP clients for tests. baresip-core is the headless part of
     # baresip (the `baresip` metapackage recommends GTK/X11 front ends).
     baresip-core sipsak
@@ -53,4 +55,4 @@ else
         "${missing[@]}" >&2
 fi
 
-"$here/build-http-async-client.sh"
+"$here/build-kamailio-modules.sh"

@@ -46,9 +46,14 @@ T1 = 0.1  # fast SIP timers for the test user agents
 pytestmark = pytest.mark.e2e
 
 
+# The patched dialog module kamailio.cfg loads (switch DIALOG_MODULE), built by
+# scripts/build-kamailio-modules.sh.
+PATCHED_DIALOG = Path("/usr/local/lib/kamailio/modules/dialog.so")
+
+
 def _have_kamailio() -> bool:
     mods = list(Path("/usr/lib").glob("*/kamailio/modules/http_async_client.so"))
-    return shutil.which("kamailio") is not None and bool(mods)
+    return shutil.which("kamailio") is not None and bool(mods) and PATCHED_DIALOG.exists()
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
@@ -65,7 +70,8 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 @pytest.fixture
 def _kamailio_missing() -> None:
     pytest.fail(
-        "kamailio or http_async_client.so is not installed: run `make deps` "
+        "kamailio, http_async_client.so or the patched dialog.so is not installed: "
+        "run `make deps` "
         "(scripts/install-system.sh) first"
     )
 

@@ -401,3 +401,56 @@ async def test_max_call_duration_releases(e2e: E2E, api: Api, phones: Phones) ->
         await callee.unregister(kam.addr)
     finally:
         kam.stop()
+
+
+TIMEOUT_CALLS = 40
+
+
+async def test_max_call_duration_ends_every_call_both_ways(
+    e2e: E2E, api: Api, phones: Phones
+) -> None:
+    """Many calls reaching MAX_CALL_DURATION in the same dialog timer tick: each one gets
+    the proxy's BYE on both sides and is released once, reason timeout. Stock Kamailio
+    5.6 sends the caller's BYE, and when the caller's 200 to it is handled (by another
+    process) before the callee's BYE is sent, it sends no BYE to the callee and raises
+    no dialog:end (kamailio issue #4169); kamailio.cfg loads the dialog module patched
+    for that (kamailio/patches/dialog-bye-both-legs.patch, switch DIALOG_MODULE)."""
+    doc = office()
+    doc["accounts"][0]["limits"]["calls"] = TIMEOUT_CALLS
+    await api.put_config(doc)
+    kam = await start_kamailio(
+        e2e.db_url, e2e.sidecar.url, e2e.workdir, "MAX_CALL_DURATION=2", node="e2e-many"
+    )
+    e2e.extra.append(kam)
+    try:
+        callee = await phones.ua(user="1002", password=PW)
+        assert (await callee.register(kam.addr, expires=600)).status == 200
+        app = await phones.ua(APP, user="app")
+        calls = await asyncio.gather(
+            *(app.invite("1002", proxy=kam.addr) for _ in range(TIMEOUT_CALLS))
+        )
+        assert await asyncio.gather(*(c.wait_final(5) for c in calls)) == [200] * len(calls)
+        assert await api.wait_active(TIMEOUT_CALLS, "acme") == TIMEOUT_CALLS
+        await asyncio.sleep(2 + 1 + 2)  # the timeout, a timer tick, time for the BYEs
+        by_call = {inc.call_id: inc for inc in callee.incoming}
+        missing = [
+            c.call_id
+            for c in calls
+            if not (c.bye_received.is_set() and by_call[c.call_id].bye_received.is_set())
+        ]
+        assert not missing, f"{len(missing)} of {len(calls)} calls not ended both ways: {missing}"
+        assert await api.wait_active(0, "acme", timeout=5) == 0
+        for _ in range(50):
+            reasons = {c.call_id: kam.events("release", contains=c.call_id) for c in calls}
+            if all(reasons.values()):
+                break
+            await asyncio.sleep(0.1)
+        wrong = {
+            cid: [kv(line)["reason"] for line in lines]
+            for cid, lines in reasons.items()
+            if [kv(line)["reason"] for line in lines] != ["timeout"]
+        }
+        assert not wrong, f"releases not exactly one timeout: {wrong}"
+        await callee.unregister(kam.addr)
+    finally:
+        kam.stop()
