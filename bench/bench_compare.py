@@ -6,7 +6,8 @@ One command starts everything on free ports of 127.0.0.1, all torn down at the e
 included): a private PostgreSQL (scripts/pgcluster.sh), `sidecar migrate` and `sidecar import`
 of a benchmark configuration, `sidecar serve`, the project's Kamailio (the flags
 tests/e2e/conftest.py uses: DBURL, SIDECAR_URL, LISTEN_UDP/TCP, NODE_ID, -m 512 -M 32,
-WORKERS=8, or --kam-workers for every Kamailio; everything else as the cfg ships), the native
+WORKERS=8, or --kam-workers for every Kamailio; --kamailio-args for more options of every
+Kamailio, e.g. -x tlsf; everything else as the cfg ships), the native
 Kamailio, and the lean load generator bench/loadgen.py (callers on 127.0.0.2 in several
 processes, one callee on 127.0.0.3 that answers 180 + 200 at once).
 
@@ -196,6 +197,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="seconds per step (default 10; quick 3)")
     ap.add_argument("--hold", type=float, default=0.5, help="call duration, s (default 0.5)")
     ap.add_argument("--workers", type=int, default=2, help="caller processes (default 2)")
+    ap.add_argument("--kamailio-args", default="",
+                    help="more command line options for every Kamailio, e.g. '-x tlsf' (the "
+                         "memory manager: Debian's default is q_malloc)")
     ap.add_argument("--kam-workers", type=int, default=8,
                     help="SIP worker processes of every Kamailio (WORKERS; default 8)")
     ap.add_argument("--systems", default="project,floor,native",
@@ -264,7 +268,8 @@ def main() -> int:
                        f"WORKERS={args.kam_workers}", *([kam_log] if kam_log else []),
                        *args.define]
             say("starting the project's Kamailio (kamailio/kamailio.cfg)")
-            kp, kport = stack.start_kamailio("project", PROJECT_CFG, defines)
+            kp, kport = stack.start_kamailio("project", PROJECT_CFG, defines,
+                                                  extra=args.kamailio_args.split())
             db = Db(db_url)
             meter.add("sidecar", [sc.pid])
             meter.add("pg", [stack.postmaster_pid()])
@@ -280,7 +285,8 @@ def main() -> int:
             defines = [f'DBURL="{dburl}"', f'SIDECAR_URL="{allow_url}"', 'NODE_ID="bench-floor"',
                        f"WORKERS={args.kam_workers}", *([kam_log] if kam_log else []),
                        *args.define]
-            fp, fport = stack.start_kamailio("floor", PROJECT_CFG, defines)
+            fp, fport = stack.start_kamailio("floor", PROJECT_CFG, defines,
+                                                  extra=args.kamailio_args.split())
             meter.add("kam-floor", [fp.pid])
             meter.add("allow", [ap_.pid])
             sysmap["floor"] = System("floor", fport, "callee", ["kam-floor", "allow"])
@@ -288,13 +294,15 @@ def main() -> int:
             say("starting the native Kamailio (bench/kamailio-native.cfg)")
             defines = [f'CALLEE="{UAS_IP}:{uas_port}"', f"WORKERS={args.kam_workers}",
                        f"CALL_LIMIT={BIG}", *([kam_log] if kam_log else [])]
-            np_, nport = stack.start_kamailio("native", NATIVE_CFG, defines)
+            np_, nport = stack.start_kamailio("native", NATIVE_CFG, defines,
+                                                  extra=args.kamailio_args.split())
             meter.add("kam-native", [np_.pid])
             sysmap["native"] = System("native", nport, "callee", ["kam-native"])
         print(f"sidecar: {sc_url or '-'} (SIDECAR_DB_SYNCHRONOUS_COMMIT="
               f"{args.sync_commit or 'not set'}, log level "
               f"{'WARNING' if args.quiet else 'as shipped'}); project route: {args.route}; "
-              f"Kamailio log level {'1' if args.quiet else 'as shipped'}", flush=True)
+              f"Kamailio log level {'1' if args.quiet else 'as shipped'}; Kamailio options "
+              f"{args.kamailio_args or '(none: q_malloc)'}", flush=True)
 
         ctl0 = control_requests(sc_url) if sc_url else None
         project_calls = 0

@@ -413,9 +413,9 @@ class Stack:
 
     # -- Kamailio -------------------------------------------------------------------
     def start_kamailio(self, name: str, cfg: Path, defines: list[str], shm_mb: int = 512,
-                       check: bool = True) -> tuple[Proc, int]:
+                       check: bool = True, extra: list[str] | None = None) -> tuple[Proc, int]:
         """Kamailio on a free UDP/TCP port of 127.0.0.1 (LISTEN_UDP/LISTEN_TCP defines),
-        ready when it answers OPTIONS."""
+        ready when it answers OPTIONS. extra: more command line options (e.g. -x tlsf)."""
         for _ in range(5):
             port = free_port()
             rundir = Path(tempfile.mkdtemp(prefix=f"kam-{name}-", dir=self.workdir))
@@ -429,7 +429,7 @@ class Stack:
                     raise RuntimeError(f"kamailio -c {cfg} failed:\n{r.stdout}\n{r.stderr}")
                 check = False
             argv = ["kamailio", *args, "-DD", "-E", "-Y", str(rundir), "-m", str(shm_mb),
-                    "-M", "32"]
+                    "-M", "32", *(extra or [])]
             p = Proc(f"kamailio-{name}", argv, self.workdir / f"kamailio-{name}-{port}.log")
             self.procs.append(p)
             end = time.monotonic() + 20
