@@ -136,13 +136,21 @@ async def db_counters(conn: asyncpg.Connection) -> dict[str, int]:
     return out
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# What both property tests draw: the hypothesis settings and a configuration.
+PROPERTY = settings(max_examples=300, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+CONFIGURATION = {
+    "counting": st.sampled_from(["per_call", "per_leg"]),
+    "acc_limits": st.fixed_dictionaries({a: limits for a in ACCOUNTS}),
+    "chan_limits": st.fixed_dictionaries({c: limit for c in CHANNELS}),
+    "forwards": st.fixed_dictionaries({e: forwarding for e in FORWARDING}),
+}
+
+
+@PROPERTY
 @given(
-    counting=st.sampled_from(["per_call", "per_leg"]),
-    acc_limits=st.fixed_dictionaries({a: limits for a in ACCOUNTS}),
-    chan_limits=st.fixed_dictionaries({c: limit for c in CHANNELS}),
-    forwards=st.fixed_dictionaries({e: forwarding for e in FORWARDING}),
+    **CONFIGURATION,
     ops=st.lists(operation, min_size=1, max_size=30),
 )
 async def test_database_agrees_with_model(
@@ -208,13 +216,9 @@ def model_events(model: Model, ops: list[tuple[Any, ...]]) -> list[int]:
     return changed
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@PROPERTY
 @given(
-    counting=st.sampled_from(["per_call", "per_leg"]),
-    acc_limits=st.fixed_dictionaries({a: limits for a in ACCOUNTS}),
-    chan_limits=st.fixed_dictionaries({c: limit for c in CHANNELS}),
-    forwards=st.fixed_dictionaries({e: forwarding for e in FORWARDING}),
+    **CONFIGURATION,
     # events drawn three times as often, so that batches of several calls are common
     ops=st.lists(st.one_of(operation, event, event, st.just(("flush",))), min_size=5,
                  max_size=40),
