@@ -73,10 +73,14 @@ class Scheduler:
         on_batch: Callable[[str, int, float], None] | None = None,
         run_tick: TickRunner | None = None,
         max_events: int | None = None,
+        linger: float = 0.0,
     ) -> None:
         self._events = _Queue("events", run_events, max_events or max_batch)
         self._admissions = _Queue("admissions", run_admissions, max_batch)
         self._run_tick = run_tick
+        # Seconds an idle scheduler waits after the first request before it starts a batch,
+        # so that the requests right behind it share the transaction (0: start at once).
+        self._linger = linger
         self._running: asyncio.Task[None] | None = None
         self._on_batch = on_batch
         # How long a batch takes (moving average): a queued admission is shed when what it
@@ -166,6 +170,9 @@ class Scheduler:
 
     async def _loop(self) -> None:
         try:
+            if self._linger > 0 and len(self._admissions.waiting) < self._admissions.max_batch:
+                # Only from idle: while a batch is in flight, what arrives waits for it anyway.
+                await asyncio.sleep(self._linger)
             last: _Queue | None = None
             while True:
                 if self._run_tick is not None and self._events.waiting \

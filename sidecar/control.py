@@ -239,7 +239,7 @@ def make_scheduler(app: web.Application) -> Scheduler:
         metrics.batch_size.labels(queue).observe(size)
 
     return Scheduler(run_events, run_admissions, settings.batch_max, on_batch, run_tick,
-                     settings.events_batch_max)
+                     settings.events_batch_max, settings.batch_linger_ms / 1000)
 
 
 def deadline(request: Incoming) -> float:

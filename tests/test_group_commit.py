@@ -275,6 +275,31 @@ async def test_one_slow_transaction_does_not_shed_a_backlog_decided_in_time() ->
     assert out == list(range(270)), [o for o in out if isinstance(o, BaseException)][:3]
 
 
+async def test_a_linger_lets_the_requests_right_behind_the_first_share_its_batch() -> None:
+    """SIDECAR_BATCH_LINGER_MS: an idle scheduler waits that long after the first request,
+    so that admissions arriving a moment apart share one transaction; without it each one
+    that finds the scheduler idle starts a batch of its own. The wait is only from idle:
+    a request that joins a busy queue waits for the batch in flight, as before."""
+
+    async def trickle(sched: Scheduler) -> list[int]:
+        async def one(i: int) -> int:
+            await asyncio.sleep(0.004 * i)
+            return int(await sched.admission(i, time.monotonic() + 1))
+        return list(await asyncio.gather(*(one(i) for i in range(5))))
+
+    for linger, expect_batches in ((0.0, 5), (0.05, 1)):
+        ran: list[list[int]] = []
+
+        async def run(items: list[int], ran: list[list[int]] = ran) -> list[int]:
+            ran.append(items)
+            return items
+
+        sched = Scheduler(run, run, max_batch=50, linger=linger)
+        assert await trickle(sched) == [0, 1, 2, 3, 4]
+        assert len(ran) == expect_batches, (linger, ran)
+        assert [i for batch in ran for i in batch] == [0, 1, 2, 3, 4]  # arrival order
+
+
 async def test_events_and_admissions_that_wait_together_share_one_tick() -> None:
     """When both kinds wait, one batch of each goes in one tick (one transaction), the
     events first; when the tick fails nothing of it was applied, and each kind is decided
