@@ -14,11 +14,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import admin, control, db, openapi, overview, resources, ui
+from .classify import ConfigFollower
 from .errors import error_middleware, error_response
 from .jsonio import respond
 from .metrics import Metrics
 from .settings import Settings
-from .state import METRICS, POOL, SCHEDULER, SETTINGS, STOPPING
+from .state import CONFIG, METRICS, POOL, SCHEDULER, SETTINGS, STOPPING
 
 log = logging.getLogger("sidecar")
 
@@ -167,8 +168,16 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
         if applied:
             log.info("migrations applied", extra={"applied": applied})
     app[POOL] = pool
+    if settings.config_cache:
+        follower = ConfigFollower(lambda: asyncpg.connect(
+            settings.database_url, timeout=settings.db_timeout,
+            server_settings={"application_name": "sidecar-config"}))
+        await follower.start()
+        app[CONFIG] = follower
     app[SCHEDULER] = control.make_scheduler(app)
     yield
+    if settings.config_cache:
+        await app[CONFIG].stop()
     await pool.close()
 
 

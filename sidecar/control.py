@@ -21,6 +21,7 @@ from aiohttp import web
 
 from . import db
 from .batching import Overloaded, Scheduler
+from .classify import planned_batch
 from .errors import ApiError
 from .jsonio import (
     NDJSON,
@@ -32,18 +33,21 @@ from .jsonio import (
     read_raw,
     respond,
 )
-from .state import METRICS, POOL, SCHEDULER, SETTINGS
+from .state import CONFIG, METRICS, POOL, SCHEDULER, SETTINGS
 
 log = logging.getLogger("sidecar.calls")
 
 # The sources go as text and are cast by PostgreSQL: asyncpg's inet encoder builds a Python
 # ipaddress object per element (3 us each).
+# The admissions go classified by the sidecar's configuration cache when it has one
+# (classify.py): the generation, the legs, the verdicts and the origins come first.
 _ADMIT_BATCH = (
-    "SELECT admit_batch($1, $2, $3::text[]::inet[], $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    "SELECT admit_planned($1, $2, $3, $4, $5, $6, $7::text[]::inet[], $8, $9, $10, $11, $12,"
+    " $13, $14, $15, $16, $17)"
 )
 _EVENTS = "SELECT control_events($1, $2, $3, $4, $5, $6, $7)"
-_TICK = ("SELECT * FROM control_tick($1, $2, $3, $4, $5, $6, $7, $8::text[]::inet[], $9, $10,"
-         " $11, $12, $13, $14, $15, $16, $17, $18)")
+_TICK = ("SELECT * FROM control_tick($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+         " $12::text[]::inet[], $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)")
 _ADMIT_FIELDS = ("call_id", "from_tag", "source", "from_user", "to_user", "auth_user", "node",
                  "boot", "late")
 _EVENT_FIELDS = ("type", "call_id", "from_tag", "leg", "reason")
@@ -201,9 +205,15 @@ def make_scheduler(app: web.Application) -> Scheduler:
     ring_ttl = timedelta(seconds=settings.ringing_ttl)
     max_duration = timedelta(seconds=settings.max_call_duration)
 
+    follower = app.get(CONFIG)
+
+    def planned(items: list[AdmitRequest]) -> tuple[Any, ...]:
+        return planned_batch(follower.config if follower is not None else None, items)
+
     async def run_admissions(items: list[AdmitRequest]) -> list[Any]:
         raw = await app[POOL].fetchval(
             _ADMIT_BATCH,
+            *planned(items),
             *columns(items, _ADMIT_FIELDS),
             settings.shadow,
             settings.sip_realm,
@@ -227,6 +237,7 @@ def make_scheduler(app: web.Application) -> Scheduler:
         row = await app[POOL].fetchrow(
             _TICK,
             *columns(events, _EVENT_FIELDS),
+            *planned(admissions),
             *columns(admissions, _ADMIT_FIELDS),
             settings.shadow,
             settings.sip_realm,

@@ -120,6 +120,12 @@ class Settings:
     # Measured through Kamailio at 1,800 CPS (bench/RESULTS.md, three runs each): 0 ms failed
     # 234-506 calls of 18,000, 2 ms 7-95, with about 15 % fewer commits per call.
     batch_linger_ms: float = field(default_factory=lambda: _float("SIDECAR_BATCH_LINGER_MS", 2.0))
+    # Classify calls (origin, legs, counters, channels) in the sidecar, from a cache of the
+    # configuration that follows every change (LISTEN sidecar_config, sidecar/classify.py),
+    # leaving PostgreSQL only the counting. Exact either way: the transaction that counts a
+    # call checks the cache's generation and classifies the call itself when the
+    # configuration changed since (migration 012). Off: PostgreSQL classifies every call.
+    config_cache: bool = field(default_factory=lambda: _bool("SIDECAR_CONFIG_CACHE", True))
     # Largest number of answers and releases applied in one transaction. They move the
     # counters once per batch and cost about 30 us of PostgreSQL each, and Kamailio's outbox
     # posts up to 200 of them at a time, one POST after the other: with 50, a POST took four

@@ -8,6 +8,7 @@ import asyncpg
 from aiohttp import web
 
 from .batching import Scheduler
+from .classify import ConfigFollower
 from .metrics import Metrics
 from .settings import Settings
 
@@ -18,3 +19,5 @@ METRICS = web.AppKey("metrics", Metrics)
 STOPPING = web.AppKey("stopping", asyncio.Event)
 # Group commit of the call-control requests (batching.py).
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+# The configuration cache that classifies admissions (classify.py), when it is on.
+CONFIG = web.AppKey("config", ConfigFollower)

@@ -15,7 +15,8 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar import config_doc
+from sidecar import classify, config_doc
+from sidecar.control import AdmitRequest
 from tests.model import Config, Model
 
 ACCOUNTS = {"p": None, "a": "p", "b": "p", "b2": "b"}
@@ -105,16 +106,27 @@ async def load(conn: asyncpg.Connection, doc: dict[str, Any]) -> None:
 
 
 async def db_admit(conn: asyncpg.Connection, call_id: str, origin: str, dialled: str,
-                   late: bool) -> Any:
+                   late: bool, config: classify.Config | None = None) -> Any:
+    """One admission through admit(), or, given the sidecar's configuration cache, through
+    admit_planned() with the cache's classification, as the sidecar sends it."""
     if origin.startswith("channel:"):
         source = CHANNELS[origin.split(":")[1]]["sources"][0]
         auth = None
     else:
         source, auth = "127.0.0.1", origin
-    raw = await conn.fetchval(
-        "SELECT admit($1, 'tag', $2::inet, $3, $4, $5, 'node', 'boot', false, 'realm', "
-        "interval '3 minutes', $6, interval '1 hour')::text",
-        call_id, source, auth, dialled, auth, late)
+    if config is None:
+        raw = await conn.fetchval(
+            "SELECT admit($1, 'tag', $2::inet, $3, $4, $5, 'node', 'boot', false, 'realm', "
+            "interval '3 minutes', $6, interval '1 hour')::text",
+            call_id, source, auth, dialled, auth, late)
+    else:
+        item = AdmitRequest(call_id, "tag", source, auth, dialled, auth, "node", "boot", late)
+        raw = await conn.fetchval(
+            "SELECT (admit_planned($1, $2, $3, $4, $5, $6, $7::text[]::inet[], $8, $9, $10,"
+            " $11, $12, $13, false, 'realm', interval '3 minutes', interval '1 hour'))[1]",
+            *classify.planned_batch(config, [item]),
+            *[[getattr(item, f)] for f in ("call_id", "from_tag", "source", "from_user",
+                                          "to_user", "auth_user", "node", "boot", "late")])
     d = orjson.loads(raw)
     d.pop("repeat", None)
     if d["action"] == "relay":
@@ -158,16 +170,37 @@ async def test_database_agrees_with_model(
     chan_limits: dict[str, Any], forwards: dict[str, dict[str, Any]],
     ops: list[tuple[Any, ...]],
 ) -> None:
-    doc = document(counting, acc_limits, chan_limits, forwards)
+    await agrees_with_model(database_url, document(counting, acc_limits, chan_limits, forwards),
+                            ops, cached=False)
+
+
+@settings(PROPERTY, max_examples=100)
+@given(
+    **CONFIGURATION,
+    ops=st.lists(operation, min_size=1, max_size=30),
+)
+async def test_planned_admission_agrees_with_model(
+    database_url: str, counting: str, acc_limits: dict[str, Any],
+    chan_limits: dict[str, Any], forwards: dict[str, dict[str, Any]],
+    ops: list[tuple[Any, ...]],
+) -> None:
+    """The same, every call classified by the sidecar's cache (admit_planned())."""
+    await agrees_with_model(database_url, document(counting, acc_limits, chan_limits, forwards),
+                            ops, cached=True)
+
+
+async def agrees_with_model(database_url: str, doc: dict[str, Any],
+                            ops: list[tuple[Any, ...]], cached: bool) -> None:
     model = model_for(doc)
     conn = await asyncpg.connect(database_url)
     try:
         await load(conn, doc)
+        config = await classify.load(conn) if cached else None
         for op in ops:
             if op[0] in ("admit", "late"):
                 _, n, origin, dialled = op
                 late = op[0] == "late"
-                got = await db_admit(conn, f"c{n}", origin, dialled, late)
+                got = await db_admit(conn, f"c{n}", origin, dialled, late, config)
                 want = model.admit(f"c{n}", origin, dialled, late)
                 assert got == want, (op, got, want)
             elif op[0] == "answer":
@@ -183,6 +216,8 @@ async def test_database_agrees_with_model(
             assert counters == model.counters(), op
             assert min(counters.values()) >= 0
             assert await conn.fetch("SELECT * FROM counter_drift()") == []
+        if config is not None:  # every call was classified by the cache, none overruled
+            assert await conn.fetchval("SELECT n FROM config_generation") == config.generation
     finally:
         await conn.close()
 

@@ -5,10 +5,12 @@
 --   call_legs()     the legs of the call: leg 0 to what was dialled, then the forward targets
 --   plan_leg()      one leg: its class, the counters it needs (leg_keys), its channels
 --   decide_leg()    whether a leg has room, and through which channel
---   admit_batch()   a batch of INVITEs in arrival order: classify them all, lock and read
---                   every counter they may need once, decide each call in memory, write the
---                   calls (one row each) in one INSERT, and move every counter of the batch
---                   in one UPDATE
+--   admit_batch()   a batch of INVITEs in arrival order: classify them all, then
+--   decide_batch()  lock and read every counter they may need once, decide each call in
+--                   memory, write the calls (one row each) in one INSERT, and move every
+--                   counter of the batch in one UPDATE
+--   admit_planned() admit_batch() with the calls classified by the sidecar from its cache
+--                   of the configuration, when that cache is the current generation
 --
 -- Applied by every `sidecar migrate` (CREATE OR REPLACE), after sql/migrations/.
 
@@ -304,11 +306,9 @@ END $$;
 -- after the ringing TTL.
 --
 -- The batch is decided in two passes. First every call is classified (known already? who
--- calls? which legs?), and every counter any of them may need is locked and read at once.
--- Then each call is decided against those counters in memory, in arrival order (earlier
--- calls use room first), as one row; the rows are written, and the counters move, once, at
--- the end. A call asked twice in one batch (a retransmission) is decided when its turn
--- comes, after what came before it is written, as a batch of its own.
+-- calls? which legs?), here; then decide_batch() locks and reads every counter any of them
+-- may need at once and decides each call against them in memory, in arrival order.
+-- (admit_planned() is the same with the classification done by the sidecar.)
 CREATE OR REPLACE FUNCTION admit_batch(
     p_call_ids   text[],
     p_from_tags  text[],
@@ -332,36 +332,11 @@ DECLARE
     v_seen     text[] := '{}';      -- the calls classified so far, as [call_id, from_tag]
     v_plans    planned_leg[] := '{}';
     v_keys     text[] := '{}';
-    v_mode     text;
-    v_room     jsonb;
-    v_gateways jsonb;
-    v_cps      jsonb;              -- calls-per-second buckets: {key: tokens}
-    v_call_cps jsonb;
-    v_accounts text[];             -- the caller's account chain (refusals name their side)
-    v_acquired text[] := '{}';     -- every slot the batch takes (counter increments)
-    v_refused  text[] := '{}';     -- the counter of every call refused for a limit
-    v_rows     calls[] := '{}';    -- the calls decided, in order, not written yet
-    v_row      calls;
     v_origin   record;
     v_legs     planned_leg[];
     v_leg      planned_leg;
     v_key      text;
     v_ch       text;
-    v_next     integer := 1;       -- next leg of v_plans to decide
-    -- one call's decision
-    v_force    boolean;
-    v_call_room jsonb;
-    v_held     text[];
-    v_need     text[];
-    v_take     text[];
-    v_slot_leg integer[];
-    v_slot_key text[];
-    v_rung     jsonb;
-    v_refusal  jsonb;
-    v_shadow   jsonb;
-    v_decision jsonb;
-    v_verdict  record;
-    v_uri      text;
 BEGIN
     PERFORM sidecar_counters_lock();
 
@@ -396,6 +371,160 @@ BEGIN
         END LOOP;
     END LOOP;
 
+    RETURN decide_batch(v_out, v_again, v_origins, v_plans, v_keys, p_call_ids, p_from_tags,
+                        p_sources, p_from_users, p_to_users, p_auth_users, p_nodes, p_boots,
+                        p_lates, p_force, p_domain, p_ring_ttl, p_max_duration);
+END $$;
+
+-- admit_batch() with the classification done by the sidecar, from its cache of the
+-- configuration (sidecar/classify.py mirrors call_origin() and call_legs() above):
+--   p_generation  the configuration generation the cache holds (migration 012)
+--   p_plans       every leg of every call classified, in order, as planned_leg rows in a
+--                 jsonb array (call_no: the call's place in the batch)
+--   p_verdicts    per call, what the classification decided alone (challenge, forbidden,
+--                 not_found), or NULL
+--   p_origins     per call, 'extension:<id>' or 'channel:<id>', or NULL
+-- When p_generation is not the generation this transaction sees (the configuration changed
+-- and the cache has not followed yet, or the sidecar has no cache), the plans are ignored
+-- and the batch is classified here: admit_batch(). What the sidecar computed stands only
+-- for the very configuration PostgreSQL would have read, so a decision is the same either
+-- way; what a known call (a retransmission) decided before still comes first.
+CREATE OR REPLACE FUNCTION admit_planned(
+    p_generation bigint,
+    p_plans      jsonb,
+    p_verdicts   jsonb[],
+    p_origins    text[],
+    p_call_ids   text[],
+    p_from_tags  text[],
+    p_sources    inet[],
+    p_from_users text[],
+    p_to_users   text[],
+    p_auth_users text[],
+    p_nodes      text[],
+    p_boots      text[],
+    p_lates      boolean[],
+    p_force      boolean,
+    p_domain     text,
+    p_ring_ttl   interval,
+    p_max_duration interval
+) RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_count    integer := coalesce(cardinality(p_call_ids), 0);
+    v_out      jsonb[] := '{}';
+    v_origins  text[] := '{}';
+    v_again    boolean[] := '{}';
+    v_seen     text[] := '{}';
+    v_given    planned_leg[];       -- the sidecar's legs, every call's
+    v_at       integer := 1;        -- next of them
+    v_plans    planned_leg[] := '{}';
+    v_keys     text[] := '{}';
+    v_leg      planned_leg;
+    v_key      text;
+    v_ch       text;
+BEGIN
+    PERFORM sidecar_counters_lock();
+    IF p_generation IS DISTINCT FROM (SELECT n FROM config_generation) THEN
+        RETURN admit_batch(p_call_ids, p_from_tags, p_sources, p_from_users, p_to_users,
+                           p_auth_users, p_nodes, p_boots, p_lates, p_force, p_domain,
+                           p_ring_ttl, p_max_duration);
+    END IF;
+    v_given := ARRAY(SELECT jsonb_populate_recordset(NULL::planned_leg, p_plans));
+
+    -- 1. Classified already: only what is known of the calls is read here.
+    FOR i IN 1 .. v_count LOOP
+        v_out := v_out || NULL::jsonb;
+        v_origins := v_origins || NULL::text;
+        v_key := jsonb_build_array(p_call_ids[i], p_from_tags[i])::text;
+        v_again := v_again || (v_key = ANY (v_seen));
+        CONTINUE WHEN v_again[i];
+        v_seen := v_seen || v_key;
+        v_out[i] := known_call(p_call_ids[i], p_from_tags[i], p_lates[i], p_max_duration);
+        CONTINUE WHEN v_out[i] IS NOT NULL;
+        v_out[i] := p_verdicts[i];
+        CONTINUE WHEN v_out[i] IS NOT NULL;
+        v_origins[i] := p_origins[i];
+        -- (The legs of calls decided above are passed over below.)
+        WHILE v_at <= cardinality(v_given) AND (v_given[v_at]).call_no < i LOOP
+            v_at := v_at + 1;
+        END LOOP;
+        WHILE v_at <= cardinality(v_given) AND (v_given[v_at]).call_no = i LOOP
+            v_leg := v_given[v_at];
+            v_at := v_at + 1;
+            v_plans := v_plans || v_leg;
+            v_keys := v_keys || v_leg.keys;
+            FOREACH v_ch IN ARRAY v_leg.chans LOOP
+                v_keys := v_keys || ('channel:' || v_ch || ':calls');
+            END LOOP;
+        END LOOP;
+    END LOOP;
+
+    RETURN decide_batch(v_out, v_again, v_origins, v_plans, v_keys, p_call_ids, p_from_tags,
+                        p_sources, p_from_users, p_to_users, p_auth_users, p_nodes, p_boots,
+                        p_lates, p_force, p_domain, p_ring_ttl, p_max_duration);
+END $$;
+
+-- The second pass of admit_batch() and admit_planned(): the calls classified (p_out: a
+-- decision already, or NULL; p_again: asked twice in the batch; p_origins; p_plans: the
+-- legs of the calls still to decide, in order; p_keys: every counter they may need), lock
+-- and read the counters once, decide each call in arrival order (earlier calls use room
+-- first), as one row; the rows are written, and the counters move, once, at the end. A
+-- call asked twice in one batch (a retransmission) is decided when its turn comes, after
+-- what came before it is written, as a batch of its own.
+CREATE OR REPLACE FUNCTION decide_batch(
+    p_out        jsonb[],
+    p_again      boolean[],
+    p_origins    text[],
+    p_plans      planned_leg[],
+    p_keys       text[],
+    p_call_ids   text[],
+    p_from_tags  text[],
+    p_sources    inet[],
+    p_from_users text[],
+    p_to_users   text[],
+    p_auth_users text[],
+    p_nodes      text[],
+    p_boots      text[],
+    p_lates      boolean[],
+    p_force      boolean,
+    p_domain     text,
+    p_ring_ttl   interval,
+    p_max_duration interval
+) RETURNS text[] LANGUAGE plpgsql AS $$
+DECLARE
+    v_count    integer := coalesce(cardinality(p_call_ids), 0);
+    v_out      jsonb[] := p_out;
+    v_origins  text[] := p_origins;
+    v_again    boolean[] := p_again;
+    v_plans    planned_leg[] := p_plans;
+    v_keys     text[] := p_keys;
+    v_mode     text;
+    v_room     jsonb;
+    v_gateways jsonb;
+    v_cps      jsonb;              -- calls-per-second buckets: {key: tokens}
+    v_call_cps jsonb;
+    v_accounts text[];             -- the caller's account chain (refusals name their side)
+    v_acquired text[] := '{}';     -- every slot the batch takes (counter increments)
+    v_refused  text[] := '{}';     -- the counter of every call refused for a limit
+    v_rows     calls[] := '{}';    -- the calls decided, in order, not written yet
+    v_row      calls;
+    v_leg      planned_leg;
+    v_key      text;
+    v_next     integer := 1;       -- next leg of v_plans to decide
+    -- one call's decision
+    v_force    boolean;
+    v_call_room jsonb;
+    v_held     text[];
+    v_need     text[];
+    v_take     text[];
+    v_slot_leg integer[];
+    v_slot_key text[];
+    v_rung     jsonb;
+    v_refusal  jsonb;
+    v_shadow   jsonb;
+    v_decision jsonb;
+    v_verdict  record;
+    v_uri      text;
+BEGIN
     -- 2. Lock and read every counter the batch may need; then the counting mode (read after
     --    the locks: a change of mode recounts under the same advisory lock).
     SELECT * INTO v_room, v_gateways, v_cps FROM counters_room(v_keys);
