@@ -5,6 +5,7 @@
 --   call_legs()     the legs of the call: leg 0 to what was dialled, then the forward targets
 --   plan_leg()      one leg: its class, the counters it needs (leg_keys), its channels
 --   decide_leg()    whether a leg has room, and through which channel
+--   batch_known()   what is known already of each call of a batch (retransmissions)
 --   admit_batch()   a batch of INVITEs in arrival order: classify them all, then
 --   decide_batch()  lock and read every counter they may need once, decide each call in
 --                   memory, write the calls (one row each) in one INSERT, and move every
@@ -289,6 +290,30 @@ BEGIN
     FROM unnest(p_rows);
 END $$;
 
+-- The first step of admit_batch() and admit_planned(), per call of a batch: what is known
+-- of it already (decided: known_call(), a retransmission or a call released before), and
+-- whether it was asked before in the same batch (again: decide_batch() decides it in its
+-- turn, after its twin is written). Only the others are classified.
+CREATE OR REPLACE FUNCTION batch_known(
+    p_call_ids text[], p_from_tags text[], p_lates boolean[], p_max_duration interval,
+    OUT decided jsonb[], OUT again boolean[]
+) LANGUAGE plpgsql AS $$
+DECLARE
+    v_seen text[] := '{}';          -- the calls looked at so far, as [call_id, from_tag]
+    v_key  text;
+BEGIN
+    decided := '{}';
+    again := '{}';
+    FOR i IN 1 .. coalesce(cardinality(p_call_ids), 0) LOOP
+        decided := decided || NULL::jsonb;
+        v_key := jsonb_build_array(p_call_ids[i], p_from_tags[i])::text;
+        again := again || (v_key = ANY (v_seen));
+        CONTINUE WHEN again[i];
+        v_seen := v_seen || v_key;
+        decided[i] := known_call(p_call_ids[i], p_from_tags[i], p_lates[i], p_max_duration);
+    END LOOP;
+END $$;
+
 -- Decide several initial INVITEs in arrival order; returns the decisions in the same order,
 -- as jsonb text:
 --   {"action": "relay", "legs": [{"leg", "uri", "lookup", "class", "to", "channel"}, ...]}
@@ -326,30 +351,21 @@ CREATE OR REPLACE FUNCTION admit_batch(
 ) RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
     v_count    integer := coalesce(cardinality(p_call_ids), 0);
-    v_out      jsonb[] := '{}';
-    v_origins  text[] := '{}';
-    v_again    boolean[] := '{}';   -- asked twice in this batch: decided in its turn
-    v_seen     text[] := '{}';      -- the calls classified so far, as [call_id, from_tag]
+    v_out      jsonb[];
+    v_again    boolean[];
+    v_origins  text[] := array_fill(NULL::text, ARRAY[v_count]);
     v_plans    planned_leg[] := '{}';
-    v_keys     text[] := '{}';
     v_origin   record;
     v_legs     planned_leg[];
     v_leg      planned_leg;
-    v_key      text;
-    v_ch       text;
 BEGIN
     PERFORM sidecar_counters_lock();
 
-    -- 1. Classify.
+    -- 1. Classify the calls not known already.
+    SELECT * INTO v_out, v_again FROM batch_known(p_call_ids, p_from_tags, p_lates,
+                                                  p_max_duration);
     FOR i IN 1 .. v_count LOOP
-        v_out := v_out || NULL::jsonb;
-        v_origins := v_origins || NULL::text;
-        v_key := jsonb_build_array(p_call_ids[i], p_from_tags[i])::text;
-        v_again := v_again || (v_key = ANY (v_seen));
-        CONTINUE WHEN v_again[i];
-        v_seen := v_seen || v_key;
-        v_out[i] := known_call(p_call_ids[i], p_from_tags[i], p_lates[i], p_max_duration);
-        CONTINUE WHEN v_out[i] IS NOT NULL;
+        CONTINUE WHEN v_again[i] OR v_out[i] IS NOT NULL;
         -- (Functions are called in assignments rather than SELECT ... FROM f(): a plain
         -- expression costs no query of its own.)
         v_origin := call_origin(p_sources[i], p_from_users[i], p_auth_users[i]);
@@ -364,14 +380,10 @@ BEGIN
         FOREACH v_leg IN ARRAY v_legs LOOP
             v_leg.call_no := i;
             v_plans := v_plans || v_leg;
-            v_keys := v_keys || v_leg.keys;
-            FOREACH v_ch IN ARRAY v_leg.chans LOOP
-                v_keys := v_keys || ('channel:' || v_ch || ':calls');
-            END LOOP;
         END LOOP;
     END LOOP;
 
-    RETURN decide_batch(v_out, v_again, v_origins, v_plans, v_keys, p_call_ids, p_from_tags,
+    RETURN decide_batch(v_out, v_again, v_origins, v_plans, p_call_ids, p_from_tags,
                         p_sources, p_from_users, p_to_users, p_auth_users, p_nodes, p_boots,
                         p_lates, p_force, p_domain, p_ring_ttl, p_max_duration);
 END $$;
@@ -410,17 +422,12 @@ CREATE OR REPLACE FUNCTION admit_planned(
 ) RETURNS text[] LANGUAGE plpgsql AS $$
 DECLARE
     v_count    integer := coalesce(cardinality(p_call_ids), 0);
-    v_out      jsonb[] := '{}';
-    v_origins  text[] := '{}';
-    v_again    boolean[] := '{}';
-    v_seen     text[] := '{}';
+    v_out      jsonb[];
+    v_again    boolean[];
+    v_origins  text[] := array_fill(NULL::text, ARRAY[v_count]);
     v_given    planned_leg[];       -- the sidecar's legs, every call's
     v_at       integer := 1;        -- next of them
     v_plans    planned_leg[] := '{}';
-    v_keys     text[] := '{}';
-    v_leg      planned_leg;
-    v_key      text;
-    v_ch       text;
 BEGIN
     PERFORM sidecar_counters_lock();
     IF p_generation IS DISTINCT FROM (SELECT n FROM config_generation) THEN
@@ -431,15 +438,10 @@ BEGIN
     v_given := ARRAY(SELECT jsonb_populate_recordset(NULL::planned_leg, p_plans));
 
     -- 1. Classified already: only what is known of the calls is read here.
+    SELECT * INTO v_out, v_again FROM batch_known(p_call_ids, p_from_tags, p_lates,
+                                                  p_max_duration);
     FOR i IN 1 .. v_count LOOP
-        v_out := v_out || NULL::jsonb;
-        v_origins := v_origins || NULL::text;
-        v_key := jsonb_build_array(p_call_ids[i], p_from_tags[i])::text;
-        v_again := v_again || (v_key = ANY (v_seen));
-        CONTINUE WHEN v_again[i];
-        v_seen := v_seen || v_key;
-        v_out[i] := known_call(p_call_ids[i], p_from_tags[i], p_lates[i], p_max_duration);
-        CONTINUE WHEN v_out[i] IS NOT NULL;
+        CONTINUE WHEN v_again[i] OR v_out[i] IS NOT NULL;
         v_out[i] := p_verdicts[i];
         CONTINUE WHEN v_out[i] IS NOT NULL;
         v_origins[i] := p_origins[i];
@@ -448,24 +450,24 @@ BEGIN
             v_at := v_at + 1;
         END LOOP;
         WHILE v_at <= cardinality(v_given) AND (v_given[v_at]).call_no = i LOOP
-            v_leg := v_given[v_at];
+            v_plans := v_plans || v_given[v_at];
             v_at := v_at + 1;
-            v_plans := v_plans || v_leg;
-            v_keys := v_keys || v_leg.keys;
-            FOREACH v_ch IN ARRAY v_leg.chans LOOP
-                v_keys := v_keys || ('channel:' || v_ch || ':calls');
-            END LOOP;
         END LOOP;
     END LOOP;
 
-    RETURN decide_batch(v_out, v_again, v_origins, v_plans, v_keys, p_call_ids, p_from_tags,
+    RETURN decide_batch(v_out, v_again, v_origins, v_plans, p_call_ids, p_from_tags,
                         p_sources, p_from_users, p_to_users, p_auth_users, p_nodes, p_boots,
                         p_lates, p_force, p_domain, p_ring_ttl, p_max_duration);
 END $$;
 
+-- (decide_batch() took the counter keys as a parameter before they were read off the legs.)
+DROP FUNCTION IF EXISTS decide_batch(jsonb[], boolean[], text[], planned_leg[], text[],
+    text[], text[], inet[], text[], text[], text[], text[], text[], boolean[], boolean, text,
+    interval, interval);
+
 -- The second pass of admit_batch() and admit_planned(): the calls classified (p_out: a
 -- decision already, or NULL; p_again: asked twice in the batch; p_origins; p_plans: the
--- legs of the calls still to decide, in order; p_keys: every counter they may need), lock
+-- legs of the calls still to decide, in order, each with the counters it may need), lock
 -- and read the counters once, decide each call in arrival order (earlier calls use room
 -- first), as one row; the rows are written, and the counters move, once, at the end. A
 -- call asked twice in one batch (a retransmission) is decided when its turn comes, after
@@ -475,7 +477,6 @@ CREATE OR REPLACE FUNCTION decide_batch(
     p_again      boolean[],
     p_origins    text[],
     p_plans      planned_leg[],
-    p_keys       text[],
     p_call_ids   text[],
     p_from_tags  text[],
     p_sources    inet[],
@@ -496,7 +497,7 @@ DECLARE
     v_origins  text[] := p_origins;
     v_again    boolean[] := p_again;
     v_plans    planned_leg[] := p_plans;
-    v_keys     text[] := p_keys;
+    v_keys     text[] := '{}';        -- every counter a leg of the batch may need
     v_mode     text;
     v_room     jsonb;
     v_gateways jsonb;
@@ -527,6 +528,12 @@ DECLARE
 BEGIN
     -- 2. Lock and read every counter the batch may need; then the counting mode (read after
     --    the locks: a change of mode recounts under the same advisory lock).
+    FOREACH v_leg IN ARRAY v_plans LOOP
+        v_keys := v_keys || v_leg.keys;
+        FOREACH v_key IN ARRAY v_leg.chans LOOP
+            v_keys := v_keys || ('channel:' || v_key || ':calls');
+        END LOOP;
+    END LOOP;
     SELECT * INTO v_room, v_gateways, v_cps FROM counters_room(v_keys);
     SELECT counting INTO v_mode FROM settings;
 
