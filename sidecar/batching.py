@@ -79,8 +79,14 @@ class Scheduler:
         self._admissions = _Queue("admissions", run_admissions, max_batch)
         self._run_tick = run_tick
         # Seconds an idle scheduler waits after the first request before it starts a batch,
-        # so that the requests right behind it share the transaction (0: start at once).
+        # so that the requests right behind it share the transaction (0: start at once);
+        # only when requests come densely (the one before came less than that earlier): a
+        # lone request, the common case at low rates, has no one behind it to wait for.
         self._linger = linger
+        self._last_arrival = -1e9  # monotonic
+        self._gap = 1e9  # seconds between the last two requests
+        # Settled to end a linger early: a full batch of admissions is waiting already.
+        self._linger_wake: asyncio.Future[Any] | None = None
         self._running: asyncio.Task[None] | None = None
         self._on_batch = on_batch
         # How long a batch takes (moving average): a queued admission is shed when what it
@@ -97,7 +103,7 @@ class Scheduler:
         """Several events queued together, in order (one POST of Kamailio's outbox): they
         share batches instead of waiting for one batch each."""
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
+        now = self._arrival()
         waiting = [_Waiting(item, loop.create_future(), now, None) for item in items]
         self._events.waiting.extend(waiting)
         self._kick()
@@ -109,13 +115,15 @@ class Scheduler:
     async def _submit(self, queue: _Queue, item: Any, deadline: float | None) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        now = time.monotonic()
+        now = self._arrival()
         if deadline is not None and now + self._predicted_wait(queue) > deadline:
             # The batches ahead of it would answer after Kamailio gave up: refuse it now,
             # so the work goes to admissions that can still be answered in time.
             raise Overloaded()
         waiting = _Waiting(item, future, now, deadline)
         queue.waiting.append(waiting)
+        if self._linger_wake is not None and len(queue.waiting) >= queue.max_batch:
+            _settle(self._linger_wake)
         timer = None
         if deadline is not None:
             # Shed while still queued once a batch could no longer answer in time (a batch
@@ -133,6 +141,12 @@ class Scheduler:
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _arrival(self) -> float:
+        now = time.monotonic()
+        self._gap = now - self._last_arrival
+        self._last_arrival = now
+        return now
 
     def _predicted_wait(self, queue: _Queue) -> float:
         """How long a request joining `queue` now would wait for its answer: what is left of
@@ -170,9 +184,10 @@ class Scheduler:
 
     async def _loop(self) -> None:
         try:
-            if self._linger > 0 and len(self._admissions.waiting) < self._admissions.max_batch:
+            if 0 < self._gap < self._linger \
+                    and len(self._admissions.waiting) < self._admissions.max_batch:
                 # Only from idle: while a batch is in flight, what arrives waits for it anyway.
-                await asyncio.sleep(self._linger)
+                await self._linger_a_moment()
             last: _Queue | None = None
             while True:
                 if self._run_tick is not None and self._events.waiting \
@@ -190,6 +205,19 @@ class Scheduler:
         finally:
             self._running = None
             self._kick()  # something may have arrived while we were finishing
+
+    async def _linger_a_moment(self) -> None:
+        """Wait the linger out, or until a full batch of admissions waits (closed-loop
+        clients, 64 in flight, send a full batch at once: waiting longer would only add
+        latency)."""
+        loop = asyncio.get_running_loop()
+        wake = self._linger_wake = loop.create_future()
+        timer = loop.call_later(self._linger, _settle, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._linger_wake = None
 
     def _next(self, last: _Queue | None) -> _Queue:
         """Events first; when both queues wait, they take turns, so that a stream of answers

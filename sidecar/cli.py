@@ -157,7 +157,7 @@ async def _serve(settings: Settings) -> None:
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = ControlSite(runner, settings.host, settings.port)
+    site = ControlSite(runner, settings.host, settings.port, backlog=settings.listen_backlog)
     await site.start()
     _tune_gc(settings.gc_threshold)
     log.info(

@@ -52,6 +52,12 @@ class Settings:
     # Where the HTTP API listens. Keep it on loopback or a private network.
     host: str = field(default_factory=lambda: _env("SIDECAR_HOST", "127.0.0.1"))
     port: int = field(default_factory=lambda: _int("SIDECAR_PORT", 8080))
+    # Connections the listener queues before the sidecar accepts them (listen(2); the kernel
+    # caps it at net.core.somaxconn). http_async_client opens connections in bursts; with
+    # aiohttp's 128, a burst while the event loop was busy overflowed the queue, the kernel
+    # dropped the connections' SYNs, and each retried a second later: admissions timed out
+    # in Kamailio (fail-closed 503s) with the sidecar itself idle (bench/RESULTS.md).
+    listen_backlog: int = field(default_factory=lambda: _int("SIDECAR_LISTEN_BACKLOG", 4096))
     # Bearer token for the admin API (/v1/config, /v1/usage, /v1/calls...); from the variable,
     # else from the file SIDECAR_ADMIN_TOKEN_FILE. Without one, the admin API answers 401.
     admin_token: str | None = field(default_factory=_admin_token)
@@ -114,12 +120,15 @@ class Settings:
     batch_max: int = field(default_factory=lambda: _int("SIDECAR_BATCH_MAX", 50))
     # Milliseconds an idle sidecar waits after a control request arrives before it starts
     # the transaction, so that the requests right behind it share that transaction and its
-    # commit (0: at once; while a transaction is in flight requests wait for it anyway).
-    # Each transaction costs PostgreSQL a fixed part (counters locked, read and written,
-    # the commit) whatever its size; a wait costs every admission up to this much latency.
-    # Measured through Kamailio at 1,800 CPS (bench/RESULTS.md, three runs each): 0 ms failed
-    # 234-506 calls of 18,000, 2 ms 7-95, with about 15 % fewer commits per call.
-    batch_linger_ms: float = field(default_factory=lambda: _float("SIDECAR_BATCH_LINGER_MS", 2.0))
+    # commit (0: at once; while a transaction is in flight requests wait for it anyway). Only
+    # when requests come densely (the one before came less than this earlier: a lone request
+    # is decided at once), and only until a full batch waits. Each transaction costs
+    # PostgreSQL a fixed part (counters locked, read and written, the commit) whatever its
+    # size; a wait costs an admission up to this much latency. Measured (bench/RESULTS.md):
+    # through Kamailio at 1,800-2,100 CPS, 2 ms -> 10 ms took PostgreSQL from 0.18-0.24 to
+    # 0.15-0.19 ms per call; the sidecar alone at 64 in flight, 10 ms put the admission p99 at
+    # 20-24 ms (the target is under 20), 5 ms at 17-18, 2 ms at 15-17.
+    batch_linger_ms: float = field(default_factory=lambda: _float("SIDECAR_BATCH_LINGER_MS", 5.0))
     # Classify calls (origin, legs, counters, channels) in the sidecar, from a cache of the
     # configuration that follows every change (LISTEN sidecar_config, sidecar/classify.py),
     # leaving PostgreSQL only the counting. Exact either way: the transaction that counts a

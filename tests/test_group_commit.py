@@ -276,10 +276,11 @@ async def test_one_slow_transaction_does_not_shed_a_backlog_decided_in_time() ->
 
 
 async def test_a_linger_lets_the_requests_right_behind_the_first_share_its_batch() -> None:
-    """SIDECAR_BATCH_LINGER_MS: an idle scheduler waits that long after the first request,
-    so that admissions arriving a moment apart share one transaction; without it each one
-    that finds the scheduler idle starts a batch of its own. The wait is only from idle:
-    a request that joins a busy queue waits for the batch in flight, as before."""
+    """SIDECAR_BATCH_LINGER_MS: an idle scheduler waits that long after a request that came
+    right behind another, so that admissions arriving a moment apart share one transaction;
+    without it each one that finds the scheduler idle starts a batch of its own. The first
+    of the trickle came after a quiet moment: it is decided at once, alone. The wait is only
+    from idle: a request that joins a busy queue waits for the batch in flight, as before."""
 
     async def trickle(sched: Scheduler) -> list[int]:
         async def one(i: int) -> int:
@@ -287,7 +288,7 @@ async def test_a_linger_lets_the_requests_right_behind_the_first_share_its_batch
             return int(await sched.admission(i, time.monotonic() + 1))
         return list(await asyncio.gather(*(one(i) for i in range(5))))
 
-    for linger, expect_batches in ((0.0, 5), (0.05, 1)):
+    for linger, expect_batches in ((0.0, 5), (0.05, 2)):
         ran: list[list[int]] = []
 
         async def run(items: list[int], ran: list[list[int]] = ran) -> list[int]:
@@ -298,6 +299,48 @@ async def test_a_linger_lets_the_requests_right_behind_the_first_share_its_batch
         assert await trickle(sched) == [0, 1, 2, 3, 4]
         assert len(ran) == expect_batches, (linger, ran)
         assert [i for batch in ran for i in batch] == [0, 1, 2, 3, 4]  # arrival order
+        if linger:
+            assert ran[0] == [0]
+
+
+async def test_a_full_batch_ends_the_linger() -> None:
+    """Closed-loop clients send a full batch at once: the linger ends when max_batch
+    admissions wait, not when it runs out (a second here)."""
+    ran: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        ran.append(items)
+        return items
+
+    async def one(i: int) -> int:
+        await asyncio.sleep(0.01 * i)  # the first starts the linger, the others join it
+        return int(await sched.admission(i, time.monotonic() + 5))
+
+    sched = Scheduler(run, run, max_batch=4, linger=1.0)
+    assert await sched.admission(-1, time.monotonic() + 5) == -1  # after quiet: at once
+    started = time.monotonic()
+    out = await asyncio.gather(*(one(i) for i in range(4)))
+    assert out == [0, 1, 2, 3]
+    assert time.monotonic() - started < 0.5
+    assert ran == [[-1], [0, 1, 2, 3]]
+
+
+async def test_a_lone_request_does_not_linger() -> None:
+    """A request after a quiet moment has no one right behind it: it is decided at once,
+    however long the linger (a second here: the admission would otherwise wait it out)."""
+    ran: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        ran.append(items)
+        return items
+
+    sched = Scheduler(run, run, max_batch=50, linger=1.0)
+    for i in range(3):
+        started = time.monotonic()
+        assert await sched.admission(i, time.monotonic() + 5) == i
+        assert time.monotonic() - started < 0.5, i
+        await asyncio.sleep(1.1)  # quiet for longer than the linger
+    assert ran == [[0], [1], [2]]
 
 
 async def test_events_and_admissions_that_wait_together_share_one_tick() -> None:
