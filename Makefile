@@ -47,7 +47,7 @@ stop:
 
 # The sidecar alone over HTTP (bench/bench_admission.py, ~1.5 min), then the SIP
 # side-by-side run, native dialog-profile Kamailio vs the project
-# (bench/bench_compare.py, ~3-5 min). Each starts and stops its own PostgreSQL,
+# (bench/bench_compare.py, ~5-8 min). Each starts and stops its own PostgreSQL,
 # sidecar and Kamailio on free ports. `make bench QUICK=1`: about a minute each.
 bench: deps
 	rc=0; \

@@ -49,7 +49,7 @@ At the end: the highest rate each system carried with zero failed calls, the rat
 project/native, p50/p99 at those rates; GET /v1/usage back to 0, `counter_drift()` empty,
 and (best effort, from /metrics) the control requests the sidecar answered per call.
 
-    .venv/bin/python bench/bench_compare.py              # ~3-5 min
+    .venv/bin/python bench/bench_compare.py              # ~5-8 min (steps of 150 CPS above 1,800)
     .venv/bin/python bench/bench_compare.py --quick      # ~1 min, fewer and shorter steps
     .venv/bin/python bench/bench_compare.py --rates 250,500,1000 --seconds 10 --workers 2
 """
@@ -89,7 +89,7 @@ APP_IP = "127.0.0.2"
 UAS_IP = "127.0.0.3"
 BIG = 100_000
 NUMBER = "+15551230000"
-RATES = "500,1000,1500,1800,2100,2400,2700,3000,3300"
+RATES = "500,1000,1500,1800,1950,2100,2250,2400,2550,2700,2850,3000,3150,3300"
 QUICK_RATES = "300,600,1200,2400"
 COMMIT_GAP = 11.0  # s: PostgreSQL hears an idle backend's counts within 10 s
 
