@@ -184,7 +184,7 @@ class Scheduler:
 
     async def _loop(self) -> None:
         try:
-            if 0 < self._gap < self._linger \
+            if self._gap < self._linger \
                     and len(self._admissions.waiting) < self._admissions.max_batch:
                 # Only from idle: while a batch is in flight, what arrives waits for it anyway.
                 await self._linger_a_moment()
