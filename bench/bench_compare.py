@@ -8,8 +8,9 @@ of a benchmark configuration, `sidecar serve`, the project's Kamailio (the flags
 tests/e2e/conftest.py uses: DBURL, SIDECAR_URL, LISTEN_UDP/TCP, NODE_ID, -m 512 -M 32,
 WORKERS=8, or --kam-workers for every Kamailio; --kamailio-args for more options of every
 Kamailio, e.g. -x tlsf; everything else as the cfg ships), the native
-Kamailio, and the lean load generator bench/loadgen.py (callers on 127.0.0.2 in several
-processes, one callee on 127.0.0.3 that answers 180 + 200 at once).
+Kamailio, and the lean load generator bench/loadgen.py (workers in C, bench/sipload.c, or
+with --loadgen python its Python ones; callers on 127.0.0.2 in several processes, one
+callee on 127.0.0.3 that answers 180 + 200 at once).
 
 Configuration: one hot provider account -> one organization -> the application server `app`
 (known by its source address 127.0.0.2) and the callee `callee` (a static contact at the
@@ -197,6 +198,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="seconds per step (default 10; quick 3)")
     ap.add_argument("--hold", type=float, default=0.5, help="call duration, s (default 0.5)")
     ap.add_argument("--workers", type=int, default=2, help="caller processes (default 2)")
+    ap.add_argument("--loadgen", choices=("c", "python"), default="c",
+                    help="the load generator's workers: bench/sipload.c (default, built on "
+                         "first use) or the Python ones of bench/loadgen.py")
     ap.add_argument("--kamailio-args", default="",
                     help="more command line options for every Kamailio, e.g. '-x tlsf' (the "
                          "memory manager: Debian's default is q_malloc)")
@@ -241,8 +245,10 @@ def main() -> int:
     sysmap: dict[str, System] = {}
     try:
         say(f"starting the load generator ({args.workers} callers on {APP_IP}, callee on "
-            f"{UAS_IP})")
-        lg = LoadGen(args.workers, APP_IP, UAS_IP)
+            f"{UAS_IP}; {args.loadgen} workers)")
+        lg = LoadGen(args.workers, APP_IP, UAS_IP, impl=args.loadgen)
+        if lg.impl != args.loadgen:
+            problems.append(f"the load generator runs {lg.impl} workers, not {args.loadgen}")
         uas_port = lg.uas_addr[1]
         meter = CpuMeter()
         meter.add("loadgen", lg.pids())

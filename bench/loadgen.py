@@ -1,5 +1,10 @@
 """A lean SIP load generator over UDP: open-loop calls at a fixed rate, in several processes.
 
+The processes are bench/sipload.c (built into .build/sipload on first use, with `cc`), or
+with impl="python" (`--impl python`) the Python workers below, which behave the same and
+cost about twice the CPU: on a 2-core machine the generator's CPU is taken from what it
+measures, so the C workers are the default.
+
 Callers (UAC): `workers` processes, each with its own UDP socket on `uac_ip` (127.0.0.2 by
 default: the benchmark's application server, known to the sidecar by that address), its own
 Call-IDs, and an equal share of the rate. A call is
@@ -40,10 +45,13 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import json
 import multiprocessing as mp
 import os
+import select
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -504,15 +512,122 @@ class StepResult:
         return self.lat[max(0, min(len(self.lat) - 1, ceil(p * len(self.lat)) - 1))] * 1000
 
 
+SIPLOAD_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipload.c")
+SIPLOAD_BIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           ".build", "sipload")
+
+
+def build_sipload() -> str | None:
+    """bench/sipload.c compiled into .build/sipload (again when the source is newer); None,
+    with the reason on stderr, when no C compiler can build it."""
+    try:
+        if os.path.getmtime(SIPLOAD_BIN) >= os.path.getmtime(SIPLOAD_SRC):
+            return SIPLOAD_BIN
+    except OSError:
+        pass
+    os.makedirs(os.path.dirname(SIPLOAD_BIN), exist_ok=True)
+    tmp = f"{SIPLOAD_BIN}.{os.getpid()}"
+    try:
+        subprocess.run(["cc", "-O2", "-Wall", "-o", tmp, SIPLOAD_SRC], check=True,
+                       capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        print(f"loadgen: cannot build {SIPLOAD_SRC} ({detail}); using the Python workers",
+              file=sys.stderr)
+        return None
+    os.replace(tmp, SIPLOAD_BIN)
+    return SIPLOAD_BIN
+
+
+class _CWorker:
+    """One bench/sipload.c process, driven by lines on its stdin, answering JSON lines on
+    its stdout: the same commands and results as a Python worker's pipe."""
+
+    def __init__(self, binary: str, args: list[str], name: str):
+        self.name = name
+        self.proc = subprocess.Popen([binary, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.pid = self.proc.pid
+
+    def ready(self, timeout: float = 20) -> int:
+        assert self.proc.stdout is not None
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise RuntimeError(f"{self.name} did not start")
+        line = self.proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != "ready":
+            raise RuntimeError(f"{self.name} did not start: {line!r}")
+        return int(line[1])
+
+    def send(self, msg: tuple[Any, ...]) -> None:
+        assert self.proc.stdin is not None
+        if msg[0] == "step":
+            p = msg[1]
+            line = " ".join(str(v) for v in (
+                "step", p["proxy"][0], int(p["proxy"][1]), repr(float(p["rate"])),
+                repr(float(p["phase"])), int(p["total"]), repr(float(p["hold"])),
+                repr(float(p["timeout"])), repr(float(p["start"])), p["from_user"],
+                p["to_user"]))
+        else:
+            line = msg[0]
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def recv(self) -> Any:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError(f"{self.name} exited ({self.proc.poll()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.send(("quit",))
+        try:
+            self.proc.wait(2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(2)
+
+
 class LoadGen:
-    """The UAS process and `workers` UAC processes, kept across steps."""
+    """The UAS process and `workers` UAC processes, kept across steps: bench/sipload.c
+    (impl "c", the default, built on first use) or the Python workers above (impl "python",
+    or when no C compiler is there)."""
 
     def __init__(self, workers: int = 2, uac_ip: str = "127.0.0.2", uas_ip: str = "127.0.0.3",
-                 uas_port: int = 0):
-        ctx = mp.get_context("spawn")
+                 uas_port: int = 0, impl: str = "c"):
+        binary = build_sipload() if impl == "c" else None
+        self.impl = "c" if binary else "python"
+        if binary:
+            self._init_c(binary, workers, uac_ip, uas_ip, uas_port)
+        else:
+            self._init_python(workers, uac_ip, uas_ip, uas_port)
+
+    def _init_c(self, binary: str, workers: int, uac_ip: str, uas_ip: str,
+                uas_port: int) -> None:
         self.procs: list[Any] = []
         self.conns: list[Any] = []
         self.uac_addrs: list[tuple[str, int]] = []
+        token = os.urandom(4).hex()
+        try:
+            uas = _CWorker(binary, ["uas", uas_ip, str(uas_port)], "sipload-uas")
+            self.procs.append(uas)
+            self.uas_conn: Any = uas
+            self.uas_addr = (uas_ip, uas.ready())
+            for w in range(workers):
+                uac = _CWorker(binary, ["uac", uac_ip, f"{token}{w}"], f"sipload-uac-{w}")
+                self.procs.append(uac)
+                self.uac_addrs.append((uac_ip, uac.ready()))
+                self.conns.append(uac)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init_python(self, workers: int, uac_ip: str, uas_ip: str, uas_port: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.procs = []
+        self.conns = []
+        self.uac_addrs = []
         token = os.urandom(4).hex()
         try:
             parent, child = ctx.Pipe()
@@ -585,6 +700,10 @@ class LoadGen:
         return r
 
     def close(self) -> None:
+        if self.impl == "c":
+            for w in self.procs:
+                w.close()
+            return
         for conn in [*self.conns, getattr(self, "uas_conn", None)]:
             if conn is None:
                 continue
@@ -616,9 +735,11 @@ def main() -> int:
     ap.add_argument("--uac-ip", default="127.0.0.2")
     ap.add_argument("--uas-ip", default="127.0.0.3")
     ap.add_argument("--uas-port", type=int, default=5090)
+    ap.add_argument("--impl", choices=("c", "python"), default="c",
+                    help="the workers: bench/sipload.c (default) or Python")
     args = ap.parse_args()
     host, port = args.proxy.rsplit(":", 1)
-    lg = LoadGen(args.workers, args.uac_ip, args.uas_ip, args.uas_port)
+    lg = LoadGen(args.workers, args.uac_ip, args.uas_ip, args.uas_port, args.impl)
     try:
         c0 = tree_cpu(lg.pids())
         r = lg.step((host, int(port)), args.to, args.from_user, args.rate, args.seconds,
