@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import re
@@ -123,7 +124,7 @@ class Config:
             if ext is not None and ext.has_ha1:
                 return ext, None, None
             return None, None, FORBIDDEN
-        addr = ipaddress.ip_address(source)
+        addr = _address(source)
         named = self.extensions.get(from_user) if from_user is not None else None
         if named is not None and _within(addr, named.sources):
             return named, None, None
@@ -211,6 +212,13 @@ class Config:
             "contact": to.contact if to is not None else None,
             "origin_accounts": origin_accounts,
         }
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(source: str) -> IPAddress:
+    """A source address parsed (cached: callers come back, and parsing is most of what
+    matching a source costs; bounded, as sources over UDP can be forged)."""
+    return ipaddress.ip_address(source)
 
 
 def _within(addr: IPAddress, nets: tuple[IPNetwork, ...]) -> bool:

@@ -247,7 +247,7 @@ def make_scheduler(app: web.Application) -> Scheduler:
         return list(row["events"]), list(row["admissions"])
 
     def on_batch(queue: str, size: int, seconds: float) -> None:
-        metrics.batch_size.labels(queue).observe(size)
+        metrics.child(metrics.batch_size, queue).observe(size)
 
     return Scheduler(run_events, run_admissions, settings.batch_max, on_batch, run_tick,
                      settings.events_batch_max, settings.batch_linger_ms / 1000)
@@ -285,7 +285,7 @@ async def decide(request: Incoming, item: AdmitRequest, due: float | None) -> di
         if "shadow" in decision
         else decision.get("why", "challenge" if out["action"] == "challenge" else "admitted")
     )
-    metrics.decisions.labels(out["action"], reason).inc()
+    metrics.child(metrics.decisions, out["action"], reason).inc()
     if decision.get("limit") and decision.get("counter") and not decision.get("repeat"):
         metrics.limit_refusals.labels(decision["counter"]).inc()
     # Refusals and challenges at INFO; the routine lines of a call (admitted, answered,
@@ -355,7 +355,7 @@ def _count_events(request: Incoming, events: list[Event], results: list[int]) ->
     if answers:
         metrics.answers.inc(answers)
     for label, n in releases.items():
-        metrics.releases.labels(label).inc(n)
+        metrics.child(metrics.releases, label).inc(n)
 
 
 async def answer(request: Incoming) -> web.Response:

@@ -300,7 +300,8 @@ class ControlProtocol(asyncio.Protocol):
             response = api_error_response(exc)
         except Exception as exc:  # noqa: BLE001 - every failure gets the JSON error shape
             response = failure_response(self._app, route, route, exc)
-        self._app[METRICS].requests.labels("POST", route, response.status).inc()
+        metrics = self._app[METRICS]
+        metrics.child(metrics.requests, "POST", route, response.status).inc()
         payload = response.body
         assert isinstance(payload, bytes | bytearray)
         if transport.is_closing():

@@ -142,14 +142,19 @@ def integral(document: Any) -> Any:
     "integer" admits 3.0, and PostgreSQL's integer columns want 3. (An object of strings,
     integers and nulls, every call-control body, is returned as it is without a call per
     member.)"""
-    if isinstance(document, dict):
-        if not any(isinstance(v, float | dict | list) for v in document.values()):
-            return document
-        return {k: integral(v) for k, v in document.items()}
-    if isinstance(document, float) and document.is_integer():
-        return int(document)
-    if isinstance(document, list):
+    # Exact types (what orjson builds) and a plain loop: this runs on every control body,
+    # and the generator with isinstance it replaces was 3 % of the sidecar's CPU.
+    kind = type(document)
+    if kind is dict:
+        for v in document.values():
+            t = type(v)
+            if t is float or t is dict or t is list:
+                return {k: integral(v) for k, v in document.items()}
+        return document
+    if kind is list:
         return [integral(v) for v in document]
+    if kind is float and document.is_integer():
+        return int(document)
     return document
 
 

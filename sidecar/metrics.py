@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +21,17 @@ disable_created_metrics()
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    # (metric name, label values) -> the labelled child, for the counters every call
+    # touches: prometheus_client's labels() takes a lock and builds its key on each call.
+    _children: dict[tuple[str, tuple[Any, ...]], Any] = field(default_factory=dict, repr=False)
+
+    def child(self, metric: Any, *values: Any) -> Any:
+        """metric.labels(*values), looked up once."""
+        key = (metric._name, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def __post_init__(self) -> None:
         r = self.registry
