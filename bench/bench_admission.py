@@ -59,6 +59,7 @@ from benchlib import (  # noqa: E402
     fmt,
     install_sigterm,
     loadavg,
+    machine_speed,
     quantile,
     say,
     wait_usage_zero,
@@ -416,7 +417,8 @@ def main() -> int:
     print(f"Sidecar alone over HTTP: levels {args.levels} in flight x {seconds:g} s; each call "
           f"admit + answer(leg 0) + release(bye); one hot provider, one hot trunk; sidecar env "
           f"{' '.join(f'{k}={v}' for k, v in env.items())}; {args.procs} client processes; "
-          f"{CORES} cores, load average before: {loadavg()}", flush=True)
+          f"{CORES} cores, load average before: {loadavg()}; "
+          f"{machine_speed()}", flush=True)
     print("CAVEAT: the client, the sidecar and PostgreSQL share this machine's cores (and so "
           "does whatever else runs on it: see other%).", flush=True)
 

@@ -80,6 +80,7 @@ from benchlib import (  # noqa: E402
     fmt,
     install_sigterm,
     loadavg,
+    machine_speed,
     say,
     udp_socket_drops,
     wait_usage_zero,
@@ -233,7 +234,8 @@ def main() -> int:
 
     print(f"SIP side by side: {', '.join(systems)}; steps {','.join(f'{x:g}' for x in rates)} "
           f"CPS x {seconds:g} s, calls of {args.hold * 1000:g} ms, {args.workers} caller "
-          f"processes + 1 callee process; {CORES} cores, load average before: {loadavg()}",
+          f"processes + 1 callee process; {CORES} cores, load average before: {loadavg()}; "
+          f"{machine_speed()}",
           flush=True)
     print("CAVEAT: the load generator, both Kamailios, the sidecar and PostgreSQL share this "
           "machine's cores (and so does whatever else runs on it: see other%).", flush=True)

@@ -79,6 +79,19 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def machine_speed() -> str:
+    """How fast this machine is now: the best of three 10M-iteration empty Python loops, in
+    seconds. Machines of the same kind have differed by 4 times between days (0.27 to 1.22 s),
+    which moves every figure; bench/RESULTS.md quotes this to compare runs."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(10_000_000):
+            pass
+        best = min(best, time.perf_counter() - t0)
+    return f"10M-iteration Python loop {best:.2f} s"
+
+
 # ---------------------------------------------------------------- CPU from /proc
 
 
