@@ -80,9 +80,11 @@ def loadavg() -> str:
 
 
 def machine_speed() -> str:
-    """How fast this machine is now: the best of three 10M-iteration empty Python loops, in
-    seconds. Machines of the same kind have differed by 4 times between days (0.27 to 1.22 s),
-    which moves every figure; bench/RESULTS.md quotes this to compare runs."""
+    """How fast this machine is now: the best of three 10M-iteration empty Python loops in a
+    function, in seconds. Machines of the same kind have differed by 3 to 4 times between
+    days, which moves every figure (bench/RESULTS.md). (The sessions before this figure was
+    printed timed `python3 -c 'for i in range(10_000_000): pass'`, a loop at module level,
+    which is 2 to 3 times slower than this one.)"""
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
