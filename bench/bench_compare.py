@@ -6,7 +6,8 @@ One command starts everything on free ports of 127.0.0.1, all torn down at the e
 included): a private PostgreSQL (scripts/pgcluster.sh), `sidecar migrate` and `sidecar import`
 of a benchmark configuration, `sidecar serve`, the project's Kamailio (the flags
 tests/e2e/conftest.py uses: DBURL, SIDECAR_URL, LISTEN_UDP/TCP, NODE_ID, -m 512 -M 32,
-WORKERS=8, or --kam-workers for every Kamailio; --kamailio-args for more options of every
+WORKERS twice the cores (--kam-workers) for every Kamailio, HTTP_WORKERS the cores
+(--http-workers) for the project's; --kamailio-args for more options of every
 Kamailio, e.g. -x tlsf; everything else as the cfg ships), the native
 Kamailio, and the lean load generator bench/loadgen.py (workers in C, bench/sipload.c, or
 with --loadgen python its Python ones; callers on 127.0.0.2 in several processes, one
@@ -205,8 +206,15 @@ def main() -> int:
     ap.add_argument("--kamailio-args", default="",
                     help="more command line options for every Kamailio, e.g. '-x tlsf' (the "
                          "memory manager: Debian's default is q_malloc)")
-    ap.add_argument("--kam-workers", type=int, default=8,
-                    help="SIP worker processes of every Kamailio (WORKERS; default 8)")
+    # Kamailio's usual sizing is about two SIP workers per core; on this benchmark's 2-core
+    # machines 8 workers (and 4 http_async_client workers) cost both Kamailios more CPU per
+    # call than 4 (and 2): bench/RESULTS.md, twelfth session.
+    ap.add_argument("--kam-workers", type=int, default=2 * CORES,
+                    help=f"SIP worker processes of every Kamailio (WORKERS; default twice the "
+                         f"cores: {2 * CORES})")
+    ap.add_argument("--http-workers", type=int, default=CORES,
+                    help=f"http_async_client workers of the project's (and the floor's) "
+                         f"Kamailio (HTTP_WORKERS; default the cores: {CORES})")
     ap.add_argument("--systems", default="project,floor,native",
                     help="which to run, in this order per step (default project,floor,native)")
     ap.add_argument("--route", choices=["extension", "trunk"], default="extension",
@@ -273,7 +281,8 @@ def main() -> int:
             sc, sc_url = stack.start_sidecar(**env)
             dburl = db_url.replace("postgresql://", "postgres://", 1).split("?")[0]
             defines = [f'DBURL="{dburl}"', f'SIDECAR_URL="{sc_url}"', 'NODE_ID="bench-1"',
-                       f"WORKERS={args.kam_workers}", *([kam_log] if kam_log else []),
+                       f"WORKERS={args.kam_workers}", f"HTTP_WORKERS={args.http_workers}",
+                       *([kam_log] if kam_log else []),
                        *args.define]
             say("starting the project's Kamailio (kamailio/kamailio.cfg)")
             kp, kport = stack.start_kamailio("project", PROJECT_CFG, defines,
@@ -291,7 +300,8 @@ def main() -> int:
             ap_, allow_url = stack.start_allow_server(f"sip:callee@{UAS_IP}:{uas_port}")
             dburl = db_url.replace("postgresql://", "postgres://", 1).split("?")[0]
             defines = [f'DBURL="{dburl}"', f'SIDECAR_URL="{allow_url}"', 'NODE_ID="bench-floor"',
-                       f"WORKERS={args.kam_workers}", *([kam_log] if kam_log else []),
+                       f"WORKERS={args.kam_workers}", f"HTTP_WORKERS={args.http_workers}",
+                       *([kam_log] if kam_log else []),
                        *args.define]
             fp, fport = stack.start_kamailio("floor", PROJECT_CFG, defines,
                                                   extra=args.kamailio_args.split())
@@ -310,7 +320,8 @@ def main() -> int:
               f"{args.sync_commit or 'not set'}, log level "
               f"{'WARNING' if args.quiet else 'as shipped'}); project route: {args.route}; "
               f"Kamailio log level {'1' if args.quiet else 'as shipped'}; Kamailio options "
-              f"{args.kamailio_args or '(none: q_malloc)'}", flush=True)
+              f"{args.kamailio_args or '(none: q_malloc)'}; SIP workers {args.kam_workers} "
+              f"each, http_async_client workers {args.http_workers}", flush=True)
 
         ctl0 = control_requests(sc_url) if sc_url else None
         project_calls = 0
