@@ -55,6 +55,7 @@ from benchlib import (  # noqa: E402
     Db,
     Stack,
     box_cpu,
+    cpu_steal,
     finish,
     fmt,
     install_sigterm,
@@ -450,14 +451,16 @@ def main() -> int:
         print(HEAD, flush=True)
         results: dict[tuple[str, int], tuple[float, float]] = {}
         modes = ["requests", "outbox"] if args.events == "both" else [args.events]
+        steal = steal_total = 0.0
         for mode, level in [(m, lv) for m in modes for lv in levels]:
             c0, x0 = db.xact_commit(), db.next_xid()
-            cpu0, box0 = meter.sample(), box_cpu()
+            cpu0, box0, st0 = meter.sample(), box_cpu(), cpu_steal()
             r = client.run(port, level, seconds, outbox=mode == "outbox")
-            cpu1, box1 = meter.sample(), box_cpu()
+            cpu1, box1, st1 = meter.sample(), box_cpu(), cpu_steal()
             x1 = db.next_xid()
             d = CpuMeter.delta(cpu0, cpu1)
             busy, total = box1[0] - box0[0], box1[1] - box0[1]
+            steal, steal_total = steal + st1 - st0, steal_total + total
             time.sleep(COMMIT_GAP)  # let PostgreSQL hear every backend's counts
             c1 = db.xact_commit()
             n = r["done"] or 1
@@ -478,6 +481,10 @@ def main() -> int:
                 print("          failures: " + ", ".join(
                     f"{k}: {v}" for k, v in r["failures"].most_common()), flush=True)
                 problems.append(f"{mode} {level} in flight: {failed} failed calls")
+        if steal_total:
+            # counted in box%: time this machine's cores ran another guest instead of ours
+            print(f"steal (the hypervisor's other guests): {100 * steal / steal_total:.1f} % of "
+                  f"the {CORES} cores over the steps")
         for mode in modes:
             if (mode, 64) in results:
                 rate, p99 = results[mode, 64]

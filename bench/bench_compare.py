@@ -77,6 +77,7 @@ from benchlib import (  # noqa: E402
     Stack,
     box_cpu,
     control_requests,
+    cpu_steal,
     finish,
     fmt,
     install_sigterm,
@@ -133,6 +134,7 @@ class Row:
     commits: int | None = None  # filled in later (lagged window)
     end: float = 0.0
     c0: int | None = None
+    steal: float = 0.0  # CPU s the hypervisor gave to other guests during the step
 
     @property
     def calls(self) -> int:
@@ -362,8 +364,10 @@ def main() -> int:
                     c0 = db.xact_commit()
                 x0 = db.next_xid() if db is not None and name == "project" else None
                 cpu0, box0, u0 = meter.sample(), box_cpu(), udp_socket_drops()
+                st0 = cpu_steal()
                 r = lg.step(("127.0.0.1", s.port), s.to_user, "app", rate, seconds, args.hold)
                 cpu1, box1, u1 = meter.sample(), box_cpu(), udp_socket_drops()
+                st1 = cpu_steal()
                 d = CpuMeter.delta(cpu0, cpu1)
                 cpu = {"loadgen": d["loadgen"]}
                 for g in s.cpu_groups:
@@ -371,6 +375,7 @@ def main() -> int:
                     cpu["kam" if g.startswith("kam") else "sidecar" if g == "allow" else g] = d[g]
                 row = Row(name, rate, r, cpu, box1[0] - box0[0], box1[1] - box0[1])
                 row.ours = sum(d.values())
+                row.steal = st1 - st0
                 kam_sock = ("127.0.0.1", s.port)
                 row.drops_kam = u1.get(kam_sock, 0) - u0.get(kam_sock, 0)
                 row.drops_lg = sum(u1.get(a, 0) - u0.get(a, 0) for a in lg.addrs())
@@ -538,6 +543,18 @@ def summary(sysmap: dict[str, System], systems: list[str], rates: list[float], s
         worst = max(lg)
         print(f"  load generator: at most {worst:.0f} % of the {CORES} cores in any step "
               f"(about {worst * CORES:.0f} % of one core)")
+    rows = [row for name in systems for row in sysmap[name].rows]
+    if rows:
+        # counted in box%: time this machine's cores ran another guest instead of ours
+        print(f"  steal (the hypervisor's other guests): {fmt_steal(rows)}")
+
+
+def fmt_steal(rows: list[Row]) -> str:
+    """Steal over the steps, as a share of all cores: in all, and in the worst step."""
+    total = sum(r.box_total for r in rows)
+    worst = max(r.share(r.steal) for r in rows)
+    return (f"{100 * sum(r.steal for r in rows) / total:.1f} % of the {CORES} cores over the "
+            f"steps, at most {worst:.1f} % in one")
 
 
 if __name__ == "__main__":

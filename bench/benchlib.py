@@ -149,6 +149,15 @@ def box_cpu() -> tuple[float, float]:
     return (total - idle) / CLK_TCK, total / CLK_TCK
 
 
+def cpu_steal() -> float:
+    """CPU seconds the hypervisor gave to other guests since boot, all cores (/proc/stat's
+    steal). A share of it beside the figures tells a run on a crowded host from one on a
+    slow one: the twelfth session's machine was 1.3 times slower on a Python loop but 3 to 5
+    times on the per-call figures (bench/RESULTS.md)."""
+    with open("/proc/stat") as fh:
+        return int(fh.readline().split()[8]) / CLK_TCK
+
+
 def udp_drops() -> int:
     """Datagrams the kernel dropped for full socket buffers so far, machine-wide
     (/proc/net/snmp Udp: RcvbufErrors + SndbufErrors)."""
