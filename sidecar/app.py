@@ -181,11 +181,13 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
-# Rows the janitor handles per statement; it goes on while statements come back full, up to
-# _JANITOR_ROUNDS per run, so that a burst (a node that died with its calls, a flood of
-# short calls leaving tombstones) is caught up within a few runs without one long transaction.
+# Rows the janitor handles per statement (one short transaction each). A run goes on, statement
+# after statement, until one comes back short: whatever has piled up (a node that died with its
+# calls, a flood of short calls leaving tombstones) goes in that run. A fixed number of
+# statements per run would cap what the janitor can delete per second below what the sidecar
+# can admit (20 x 500 rows per 5 s: 2,000 calls/s, where one sidecar decides 3,500), and the
+# calls table would then grow without end (bench/RESULTS.md, thirteenth session).
 _JANITOR_BATCH = 500
-_JANITOR_ROUNDS = 20
 
 
 async def janitor_run(app: web.Application) -> None:
@@ -195,7 +197,7 @@ async def janitor_run(app: web.Application) -> None:
     settings = app[SETTINGS]
     pool = app[POOL]
     tombstone_ttl = timedelta(seconds=settings.ringing_ttl)
-    for _ in range(_JANITOR_ROUNDS):
+    while True:
         async with db.counters_locked(pool) as conn:
             released = await conn.fetchval(
                 "SELECT expire_calls($1, $2)", _JANITOR_BATCH, tombstone_ttl
@@ -208,11 +210,10 @@ async def janitor_run(app: web.Application) -> None:
         if released < _JANITOR_BATCH:
             break
     keep = timedelta(seconds=settings.ended_retention)
-    for _ in range(_JANITOR_ROUNDS):
-        # (Two kinds of rows, up to a batch each: a round that took less than a batch of
-        # either in all has caught up.)
-        if await pool.fetchval("SELECT purge_calls($1, $2)", _JANITOR_BATCH, keep) < _JANITOR_BATCH:
-            break
+    # (Two kinds of rows, up to a batch each: a statement that took less than a batch of
+    # either in all has caught up.)
+    while await pool.fetchval("SELECT purge_calls($1, $2)", _JANITOR_BATCH, keep) >= _JANITOR_BATCH:
+        pass
     await pool.execute(
         "DELETE FROM refusal_minutes WHERE minute < now() - $1::interval",
         timedelta(minutes=settings.refusal_history),

@@ -420,6 +420,35 @@ async def test_janitor_forgets_refusals_and_tombstones(
         assert await states(conn) == {}
 
 
+async def test_one_janitor_run_catches_up_whatever_has_piled_up(
+        database_url: str, conn: asyncpg.Connection) -> None:
+    """More than the janitor's old cap of 20 statements of 500 rows per run, of both kinds:
+    at more calls per second than that cap (2,000 per 5 s run), the calls table grew for
+    ever (bench_memory.py at 3,500 calls/s)."""
+    async with running_sidecar(database_url, ringing_ttl=60) as sc:
+        await sc.put_config(DOC)
+        # 11,000 live calls past their time (a node that died with them) ...
+        await seed_calls(conn, 11_000)
+        await conn.execute("UPDATE calls SET expires_at = now() - interval '1 second'")
+        # ... and 12,000 tombstones and refusals past theirs.
+        await conn.execute("""
+            INSERT INTO calls (call_id, from_tag, state, decision, expires_at)
+            SELECT 'old-' || i, 'ft', CASE WHEN i % 4 = 0 THEN 'refused' ELSE 'released' END,
+                   '{}', now() - interval '1 second'
+            FROM generate_series(1, 12000) i""")
+        assert await active(sc) == 11_000
+        await janitor_run(sc.app)
+        # Every expired call released in that one run (its tombstone stays a ringing TTL),
+        # every old tombstone and refusal gone.
+        assert await active(sc) == 0
+        assert await conn.fetchval(
+            "SELECT count(*) FROM calls WHERE call_id LIKE 'old-%'") == 0
+        assert await conn.fetchval(
+            "SELECT count(*) FROM calls WHERE state = 'released' "
+            "AND expires_at > now() + interval '50 seconds'") == 11_000
+        assert await counter_drift(database_url) == []
+
+
 # -- Reconciliation -------------------------------------------------------------------------
 
 async def seed_calls(conn: asyncpg.Connection, n: int, *, node: str = "big-node",
