@@ -454,3 +454,56 @@ async def test_max_call_duration_ends_every_call_both_ways(
         await callee.unregister(kam.addr)
     finally:
         kam.stop()
+
+
+async def test_keepalive_ends_a_call_whose_caller_vanished(
+    e2e: E2E, api: Api, phones: Phones
+) -> None:
+    """The caller of an answered call is gone (its BYE never reached the proxy, or the phone
+    went off): the dialog module's keepalive OPTIONS to it go unanswered (408), so the call
+    is ended with BYEs and released (reason timeout) instead of holding its slot until
+    MAX_CALL_DURATION (4 h by default). A call whose ends answer the keepalives (both got
+    one) stays counted. DIALOG_KEEPALIVE 30 is the least the dialog module takes."""
+    await api.put_config(office())
+    kam = await start_kamailio(
+        e2e.db_url,
+        e2e.sidecar.url,
+        e2e.workdir,
+        "DIALOG_KEEPALIVE=30",
+        "KEEPALIVE_FAILURES=1",
+        node="e2e-keepalive",
+    )
+    e2e.extra.append(kam)
+    try:
+        callee = await phones.ua(user="1002", password=PW)
+        assert (await callee.register(kam.addr, expires=600)).status == 200
+        gone_ua = await phones.ua(APP, user="app")
+        live_ua = await phones.ua(APP, user="app")
+        gone = await gone_ua.invite("1002", proxy=kam.addr)
+        live = await live_ua.invite("1002", proxy=kam.addr)
+        assert [await gone.wait_final(5), await live.wait_final(5)] == [200, 200]
+        assert await api.wait_active(2, "acme") == 2
+        await gone_ua.close()  # no BYE: the caller just disappears
+        by_call = {inc.call_id: inc for inc in callee.incoming}
+        # First keepalive 30-40 s after the answer, its 408 after FR_TIMER (5 s), the
+        # dialog's lifetime then cut to 10 s, the timer's tick: about 55 s at most.
+        await by_call[gone.call_id].wait_ended(90)
+        assert by_call[gone.call_id].bye_received.is_set()
+        assert await api.wait_active(1, "acme", timeout=5) == 1
+        for _ in range(50):
+            lines = kam.events("release", contains=gone.call_id)
+            if lines:
+                break
+            await asyncio.sleep(0.1)
+        assert [kv(line)["reason"] for line in lines] == ["timeout"], lines
+        # The call whose ends answered stays up and counted, and was pinged both ways.
+        assert not live.bye_received.is_set() and not kam.events("release", contains=live.call_id)
+        assert any(r.method == "OPTIONS" for r in live.requests), "caller got no keepalive"
+        assert any(r.method == "OPTIONS" for r in by_call[live.call_id].requests), (
+            "callee got no keepalive"
+        )
+        assert await live.bye() == 200
+        assert await api.wait_active(0, "acme", timeout=5) == 0
+        await callee.unregister(kam.addr)
+    finally:
+        kam.stop()
