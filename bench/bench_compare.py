@@ -48,7 +48,8 @@ fails a call in a step runs no higher step (unless --keep-going). Per step and s
               people's work on the machine)
 
 At the end: the highest rate each system carried with zero failed calls, the ratio
-project/native, p50/p99 at those rates; GET /v1/usage back to 0, `counter_drift()` empty,
+project/native, p50/p99 at those rates; GET /v1/usage back to 0 (within 180 s after a step
+that failed calls: calls whose BYEs were all dropped end by keepalive), `counter_drift()` empty,
 and (best effort, from /metrics) the control requests the sidecar answered per call.
 
     .venv/bin/python bench/bench_compare.py              # ~5-8 min (steps of 150 CPS above 1,800)
@@ -96,6 +97,16 @@ NUMBER = "+15551230000"
 RATES = "500,1000,1500,1800,1950,2100,2250,2400,2550,2700,2850,3000,3150,3300"
 QUICK_RATES = "300,600,1200,2400"
 COMMIT_GAP = 11.0  # s: PostgreSQL hears an idle backend's counts within 10 s
+# The project's and the floor's Kamailio: keepalives at the least interval the dialog module
+# takes, one failure ending the call. After an overloaded step some calls are still up for
+# Kamailio because every BYE of their caller was dropped at its socket; the load generator's
+# callers answer no request, so the keepalive ends those calls (BYEs both ways, released)
+# within about 30 + 10 (its timer) + 5 (the OPTIONS' 408) + 10 s (the cut lifetime).
+# Calls of 500 ms never see a keepalive. A call whose ACK was dropped too never gets one
+# (the module pings confirmed dialogs only): the dialog module ends it by itself, 60 s after
+# its 200 (noack_timeout) at the next of its cleaning rounds (every 90 s), 10 s later.
+KEEPALIVE = ["DIALOG_KEEPALIVE=30", "KEEPALIVE_FAILURES=1"]
+USAGE_WAIT_AFTER_FAILURE = 180  # s for usage to come back to 0 after a step that failed calls
 
 
 def bench_config(uas_port: int) -> dict[str, Any]:
@@ -284,7 +295,7 @@ def main() -> int:
             dburl = db_url.replace("postgresql://", "postgres://", 1).split("?")[0]
             defines = [f'DBURL="{dburl}"', f'SIDECAR_URL="{sc_url}"', 'NODE_ID="bench-1"',
                        f"WORKERS={args.kam_workers}", f"HTTP_WORKERS={args.http_workers}",
-                       *([kam_log] if kam_log else []),
+                       *KEEPALIVE, *([kam_log] if kam_log else []),
                        *args.define]
             say("starting the project's Kamailio (kamailio/kamailio.cfg)")
             kp, kport = stack.start_kamailio("project", PROJECT_CFG, defines,
@@ -303,7 +314,7 @@ def main() -> int:
             dburl = db_url.replace("postgresql://", "postgres://", 1).split("?")[0]
             defines = [f'DBURL="{dburl}"', f'SIDECAR_URL="{allow_url}"', 'NODE_ID="bench-floor"',
                        f"WORKERS={args.kam_workers}", f"HTTP_WORKERS={args.http_workers}",
-                       *([kam_log] if kam_log else []),
+                       *KEEPALIVE, *([kam_log] if kam_log else []),
                        *args.define]
             fp, fport = stack.start_kamailio("floor", PROJECT_CFG, defines,
                                                   extra=args.kamailio_args.split())
@@ -401,7 +412,7 @@ def main() -> int:
         if "project" in sysmap and db is not None:
             say("checking GET /v1/usage and counter_drift()")
             failed_any = any(row.r.failed for row in sysmap["project"].rows)
-            wait = 60 if failed_any else 15
+            wait = USAGE_WAIT_AFTER_FAILURE if failed_any else 15
             t0 = time.time()
             busy, nfig = wait_usage_zero(sc_url, timeout=wait)
             took = time.time() - t0
