@@ -16,6 +16,7 @@ from tests.e2e.conftest import (
     E2E,
     REALM,
     Api,
+    KamailioProc,
     Phones,
     PortHold,
     SidecarProc,
@@ -367,6 +368,18 @@ async def _sipsak(e2e: E2E, tmp_path: Path, port: int) -> str:
     return out
 
 
+async def release_reasons(kam: KamailioProc, call_id: str) -> list[str]:
+    """The reasons of Kamailio's release lines for a call, once it has one (up to 5 s: on a
+    loaded machine the slot may come back first by the node's heartbeat, which no longer
+    lists the dialog, and the dialog:end line a moment later)."""
+    for _ in range(50):
+        lines = kam.events("release", contains=call_id)
+        if lines:
+            break
+        await asyncio.sleep(0.1)
+    return [kv(line)["reason"] for line in lines]
+
+
 async def test_max_call_duration_releases(e2e: E2E, api: Api, phones: Phones) -> None:
     """MAX_CALL_DURATION reached: Kamailio's dialog module sends BYE both ways and the
     call is released (reason timeout), once, as Kamailio's log and the sidecar's say."""
@@ -388,14 +401,7 @@ async def test_max_call_duration_releases(e2e: E2E, api: Api, phones: Phones) ->
         await callee.incoming[-1].wait_ended(5)
         assert call.bye_received.is_set() and callee.incoming[-1].bye_received.is_set()
         assert await api.wait_active(0, "acme", timeout=5) == 0
-        # (On a loaded machine the slot may come back first by the node's heartbeat, which
-        # no longer lists the dialog: the dialog:end line may come a moment later.)
-        for _ in range(50):
-            lines = kam.events("release", contains=call.call_id)
-            if lines:
-                break
-            await asyncio.sleep(0.1)
-        assert [kv(line)["reason"] for line in lines] == ["timeout"], lines
+        assert await release_reasons(kam, call.call_id) == ["timeout"]
         recs = await e2e.sidecar.wait_records("released", 1, mark, call_id=call.call_id)
         assert [r["reason"] for r in recs if r["released"]] == ["timeout"], recs
         await callee.unregister(kam.addr)
@@ -490,12 +496,7 @@ async def test_keepalive_ends_a_call_whose_caller_vanished(
         await by_call[gone.call_id].wait_ended(90)
         assert by_call[gone.call_id].bye_received.is_set()
         assert await api.wait_active(1, "acme", timeout=5) == 1
-        for _ in range(50):
-            lines = kam.events("release", contains=gone.call_id)
-            if lines:
-                break
-            await asyncio.sleep(0.1)
-        assert [kv(line)["reason"] for line in lines] == ["timeout"], lines
+        assert await release_reasons(kam, gone.call_id) == ["timeout"]
         # The call whose ends answered stays up and counted, and was pinged both ways.
         assert not live.bye_received.is_set() and not kam.events("release", contains=live.call_id)
         assert any(r.method == "OPTIONS" for r in live.requests), "caller got no keepalive"
