@@ -1385,6 +1385,11 @@ class SipUA:
         self.port = transport.get_extra_info("sockname")[1]
         return self
 
+    def forget(self, dialog: Dialog) -> None:
+        """Lose a dialog as a phone that restarted does: its in-dialog requests (a BYE, a
+        keepalive OPTIONS) get 481 from now on."""
+        self._dialogs.pop((dialog.call_id, dialog.local_tag), None)
+
     async def close(self) -> None:
         for h in self._timers:
             h.cancel()

@@ -468,8 +468,10 @@ async def test_keepalive_ends_a_call_whose_caller_vanished(
     """The caller of an answered call is gone (its BYE never reached the proxy, or the phone
     went off): the dialog module's keepalive OPTIONS to it go unanswered (408), so the call
     is ended with BYEs and released (reason timeout) instead of holding its slot until
-    MAX_CALL_DURATION (4 h by default). A call whose ends answer the keepalives (both got
-    one) stays counted. DIALOG_KEEPALIVE 30 is the least the dialog module takes."""
+    MAX_CALL_DURATION (4 h by default). A caller that restarted and lost the call answers
+    them 481 (no such dialog): released the same way. A call whose ends answer the
+    keepalives (both got one) stays counted. DIALOG_KEEPALIVE 30 is the least the dialog
+    module takes."""
     await api.put_config(office())
     kam = await start_kamailio(
         e2e.db_url,
@@ -485,18 +487,28 @@ async def test_keepalive_ends_a_call_whose_caller_vanished(
         assert (await callee.register(kam.addr, expires=600)).status == 200
         gone_ua = await phones.ua(APP, user="app")
         live_ua = await phones.ua(APP, user="app")
+        restarted_ua = await phones.ua(APP, user="app")
         gone = await gone_ua.invite("1002", proxy=kam.addr)
         live = await live_ua.invite("1002", proxy=kam.addr)
-        assert [await gone.wait_final(5), await live.wait_final(5)] == [200, 200]
-        assert await api.wait_active(2, "acme") == 2
+        restarted = await restarted_ua.invite("1002", proxy=kam.addr)
+        finals = [await c.wait_final(5) for c in (gone, live, restarted)]
+        assert finals == [200, 200, 200]
+        assert await api.wait_active(3, "acme") == 3
         await gone_ua.close()  # no BYE: the caller just disappears
+        restarted_ua.forget(restarted)  # still there, but the call is unknown to it: 481
         by_call = {inc.call_id: inc for inc in callee.incoming}
-        # First keepalive 30-40 s after the answer, its 408 after FR_TIMER (5 s), the
-        # dialog's lifetime then cut to 10 s, the timer's tick: about 55 s at most.
-        await by_call[gone.call_id].wait_ended(90)
-        assert by_call[gone.call_id].bye_received.is_set()
+        # First keepalive 30-40 s after the answer, its 408 after FR_TIMER (5 s) or its 481
+        # at once, the dialog's lifetime then cut to 10 s, the timer's tick: 55 s at most.
+        for ended in (gone, restarted):
+            await by_call[ended.call_id].wait_ended(90)
+            assert by_call[ended.call_id].bye_received.is_set()
         assert await api.wait_active(1, "acme", timeout=5) == 1
         assert await release_reasons(kam, gone.call_id) == ["timeout"]
+        assert await release_reasons(kam, restarted.call_id) == ["timeout"]
+        answered_481 = [
+            r for r in restarted_ua.requests if r.method == "OPTIONS" and r.to_tag is not None
+        ]
+        assert answered_481, "the restarted caller got no keepalive"
         # The call whose ends answered stays up and counted, and was pinged both ways.
         assert not live.bye_received.is_set() and not kam.events("release", contains=live.call_id)
         assert any(r.method == "OPTIONS" for r in live.requests), "caller got no keepalive"
