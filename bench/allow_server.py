@@ -56,4 +56,9 @@ def make_app(callee: str) -> web.Application:
 if __name__ == "__main__":
     port, callee = int(sys.argv[1]), sys.argv[2]
     uvloop.install()
-    web.run_app(make_app(callee), host="127.0.0.1", port=port, access_log=None, print=None)
+    # The sidecar's listen backlog (SIDECAR_LISTEN_BACKLOG's default): with aiohttp's 128,
+    # http_async_client's bursts of connections overflowed it near 3,000 CPS, and each
+    # dropped SYN, retried a second later, became an admission timeout (a 503) that the
+    # sidecar would not have had.
+    web.run_app(make_app(callee), host="127.0.0.1", port=port, access_log=None, print=None,
+                backlog=4096)
